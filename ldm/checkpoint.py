@@ -1,0 +1,327 @@
+"""Reading checkpoints safely and loading them into models without a wasted initialisation.
+
+* `.ckpt` (a Lightning dict with `state_dict`, or a bare state dict) is unpickled with
+  `torch.load(weights_only=True)`: a file that asks to run code is refused. The few classes a
+  Lightning 1.x checkpoint names (its ModelCheckpoint callback key, numpy scalars) are allowed
+  as inert stand-ins. Zip-format files are memory-mapped.
+* `.safetensors` is read without pickle at all.
+* Models are built with weight initialisation switched off and the checkpoint's tensors are
+  assigned in place, so loading touches each weight once and needs no second copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from ldm.errors import CheckpointError
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+TEXT_MODEL_PREFIX = "cond_stage_model.transformer."
+STALE_KEY_SUFFIXES = ("embeddings.position_ids",)
+MAX_KEYS_IN_MESSAGE = 5
+
+
+class _InertLightningObject:
+    """Stand-in for a class that a Lightning checkpoint names only as a dictionary key."""
+
+
+_SAFE_GLOBALS: list[Any] = [
+    (_InertLightningObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_InertLightningObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np._core.multiarray.scalar,
+    np.dtype,
+    *(getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")),
+]
+
+
+def _sniff_format(path: Path) -> str:
+    """'zip', 'legacy' (old torch pickle), 'safetensors' or 'unknown', from the file's first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def _refusal(error: Exception) -> Optional[str]:
+    match = re.search(r"(?:Unsupported global|GLOBAL|Unsupported operand)[:\s]*([\w.]+(?:\s[\w.]+)?)", str(error))
+    if "weights_only" in str(error) or "Weights only load failed" in str(error) or match:
+        name = match.group(1) if match else "an object that is not a tensor"
+        return name
+    return None
+
+
+def _load_pickle_checkpoint(path: Path, fmt: str) -> Any:
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "zip"))
+    except Exception as error:
+        refused = _refusal(error)
+        if refused is not None and "central directory" not in str(error):
+            raise CheckpointError(
+                f"refused to load {path}: the file asks to run code or build objects ({refused}); checkpoints are "
+                "loaded as weights only. Use a checkpoint from a trusted source, or convert it to .safetensors"
+            ) from error
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint ({_first_line(error)}); "
+            "download it again"
+        ) from error
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        header_length = struct.unpack("<Q", handle.read(8))[0]
+        if header_length > size - 8:
+            raise CheckpointError(f"cannot read {path}: the .safetensors file is truncated; download it again")
+        try:
+            header = json.loads(handle.read(header_length))
+        except ValueError as error:
+            raise CheckpointError(f"cannot read {path}: the .safetensors header is corrupt; download it again") from error
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if 8 + header_length + end > size:
+        raise CheckpointError(f"cannot read {path}: the .safetensors file is truncated; download it again")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {_first_line(error)}; download it again") from error
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint as a dictionary: a Lightning dict, or `{"state_dict": ...}` for bare weights."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is a directory; give the .ckpt or .safetensors file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); download it again")
+    fmt = _sniff_format(path)
+    if fmt == "safetensors":
+        return {"state_dict": _read_safetensors(path)}
+    if fmt in ("zip", "legacy"):
+        obj = _load_pickle_checkpoint(path, fmt)
+    else:
+        raise CheckpointError(f"{path} is not a checkpoint (.ckpt or .safetensors); check the path")
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict or a Lightning checkpoint")
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        return dict(obj)
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"state_dict": dict(obj)}
+    raise CheckpointError(f"{path} has no 'state_dict' and is not a bare state dict of tensors")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Only the tensors of a checkpoint, by key."""
+    return dict(read_checkpoint(path)["state_dict"])
+
+
+def normalize_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map keys to the model's layout: CLIP text keys with or without `text_model.` (transformers 4 vs 5),
+    stale `position_ids` buffers dropped."""
+    expected = set(model.state_dict().keys())
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key.endswith(STALE_KEY_SUFFIXES) and key not in expected:
+            continue
+        if key not in expected and key.startswith(TEXT_MODEL_PREFIX):
+            rest = key[len(TEXT_MODEL_PREFIX):]
+            alternative = (TEXT_MODEL_PREFIX + "text_model." + rest if not rest.startswith("text_model.")
+                           else TEXT_MODEL_PREFIX + rest[len("text_model."):])
+            if alternative in expected:
+                key = alternative
+        out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def no_weight_init() -> Iterator[None]:
+    """Build modules without running their random initialisers (the checkpoint overwrites them)."""
+    classes = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm,
+               nn.GroupNorm]
+    saved = {cls: cls.__dict__.get("reset_parameters") for cls in classes}
+    try:
+        for cls in classes:
+            cls.reset_parameters = lambda self: None
+        yield
+    finally:
+        for cls, method in saved.items():
+            if method is None:
+                delattr(cls, "reset_parameters")
+            else:
+                cls.reset_parameters = method
+
+
+def _describe(keys: Sequence[str]) -> str:
+    shown = ", ".join(list(keys)[:MAX_KEYS_IN_MESSAGE])
+    more = len(keys) - MAX_KEYS_IN_MESSAGE
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _shape_mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    own = model.state_dict()
+    return [f"{key} {tuple(value.shape)} vs model {tuple(own[key].shape)}" for key, value in state_dict.items()
+            if key in own and tuple(own[key].shape) != tuple(value.shape)]
+
+
+def _initialise_missing(model: nn.Module, missing: Sequence[str]) -> None:
+    """Give weights the checkpoint lacks a proper initialisation (they were built without one)."""
+    owners = {key.rpartition(".")[0] for key in missing}
+    modules = dict(model.named_modules())
+    for owner in sorted(owners):
+        module = modules.get(owner)
+        if module is not None and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    if getattr(model, "use_ema", False) and any(key.startswith("model_ema.") for key in missing):
+        from ldm.modules.ema import LitEma
+
+        model.model_ema = LitEma(model.model)
+
+
+def load_state_dict_into(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
+                         ignore_prefixes: Sequence[str] = (), strip_prefix: str = "",
+                         dtype: Optional[torch.dtype] = None, assign: bool = False,
+                         min_matched_fraction: float = 0.5) -> tuple[list[str], list[str]]:
+    """Load a checkpoint (path or state dict) into `model`; returns (missing, unexpected) keys.
+
+    Keys starting with any of `ignore_prefixes` are dropped; `strip_prefix` is removed from the
+    keys that have it. Shape mismatches, or a checkpoint that shares too few keys with the model,
+    raise `CheckpointError` naming a few keys.
+    """
+    name = str(source) if not isinstance(source, Mapping) else "the state dict"
+    state_dict = dict(source) if isinstance(source, Mapping) else read_state_dict(source)
+    if strip_prefix:
+        state_dict = {k[len(strip_prefix):]: v for k, v in state_dict.items() if k.startswith(strip_prefix)}
+    state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in ignore_prefixes)}
+    state_dict = normalize_state_dict(state_dict, model)
+    if not getattr(model, "use_ema", False):
+        dropped = [k for k in state_dict if k.startswith("model_ema.")]
+        if dropped:
+            logger.info("ignoring %d EMA tensors (use_ema is off; the model's own weights are used)", len(dropped))
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
+    mismatched = _shape_mismatches(model, state_dict)
+    if mismatched:
+        raise CheckpointError(f"{name} does not fit this model's architecture: {len(mismatched)} tensors have "
+                              f"other shapes, e.g. {_describe(mismatched)}; check that the config matches the checkpoint")
+    expected = model.state_dict()
+    matched = [k for k in state_dict if k in expected]
+    if expected and len(matched) < min_matched_fraction * len(expected):
+        foreign = [k for k in state_dict if k not in expected]
+        raise CheckpointError(f"{name} does not fit this model: only {len(matched)} of its {len(state_dict)} tensors "
+                              f"are in the model (e.g. unknown: {_describe(foreign)}); check that the config matches "
+                              "the checkpoint")
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if v.is_floating_point() and expected[k].is_floating_point()
+                      and not _is_schedule_buffer(k) else v
+                      for k, v in state_dict.items() if k in expected}
+    result = model.load_state_dict(state_dict, strict=False, assign=assign)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing:
+        logger.warning("%d keys missing from %s (initialised afresh): %s", len(missing), name, _describe(missing))
+        if assign:
+            _initialise_missing(model, missing)
+    if unexpected:
+        logger.warning("%d unexpected keys in %s (ignored): %s", len(unexpected), name, _describe(unexpected))
+    return missing, unexpected
+
+
+def _is_schedule_buffer(key: str) -> bool:
+    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+
+    return key in SCHEDULE_BUFFERS
+
+
+def model_config_section(config: Any) -> Any:
+    """The `model` section of a whole config, or the config itself if it already is one."""
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(config)
+    if "model" in config and "target" not in config:
+        return config["model"]
+    return config
+
+
+def load_config(path: str | os.PathLike) -> DictConfig:
+    """Read a YAML config, with a clear error for a missing or unparsable file."""
+    from ldm.errors import UserInputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config not found: {path}")
+    try:
+        config = OmegaConf.load(path)
+    except Exception as error:
+        raise UserInputError(f"cannot parse config {path}: {_first_line(error)}") from error
+    if not isinstance(config, DictConfig):
+        raise UserInputError(f"config {path} is not a YAML mapping")
+    return config
+
+
+def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], device: str | torch.device = "cpu",
+                           dtype: Optional[torch.dtype] = None, verbose: bool = False,
+                           eval_mode: bool = True) -> nn.Module:
+    """Build the model of `config` (path, whole config or its `model` section) and load `ckpt` into it.
+
+    The model is built without random initialisation and the checkpoint's tensors are assigned to it
+    (memory-mapped where the format allows), so loading is fast and needs the weights' memory once.
+    With `ckpt=None` the model is initialised normally. The model ends on `device`, in eval mode,
+    with floating weights in `dtype` (unchanged if None; the noise schedule stays float32).
+    """
+    section = model_config_section(config)
+    if ckpt is None:
+        model = instantiate_from_config(section)
+    else:
+        checkpoint = read_checkpoint(ckpt)
+        with no_weight_init():
+            model = instantiate_from_config(section)
+        if "global_step" in checkpoint:
+            logger.info("checkpoint %s: global step %s", ckpt, checkpoint["global_step"])
+        missing, unexpected = load_state_dict_into(model, checkpoint["state_dict"], dtype=dtype, assign=True)
+        if verbose:
+            logger.info("missing keys: %s; unexpected keys: %s", missing, unexpected)
+    if dtype is not None:
+        _cast_weights(model, dtype)
+    model.to(device)
+    if eval_mode:
+        model.eval()
+    return model
+
+
+def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast floating parameters and buffers to `dtype`, keeping the diffusion schedule in float32."""
+    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
+
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None and param.is_floating_point() and param.dtype != dtype:
+                module._parameters[key] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+        for key, buffer in module._buffers.items():
+            if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
+                    and not (module is model and key in SCHEDULE_BUFFERS)):
+                module._buffers[key] = buffer.to(dtype)

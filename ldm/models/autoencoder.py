@@ -1,0 +1,156 @@
+"""The KL-regularised autoencoder that maps images to the latent space of latent diffusion
+(Rombach et al. 2022, sec. 3.1): x [B,3,H,W] in [-1,1] <-> z [B,embed_dim,H/f,W/f].
+
+Training (LPIPS + patch discriminator, two optimisers) follows the original `AutoencoderKL`
+and runs under Lightning's manual optimisation; see `main.py`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.model import Decoder, Encoder
+from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, ddconfig: Mapping[str, Any], lossconfig: Mapping[str, Any], embed_dim: int,
+                 ckpt_path: Optional[str] = None, ignore_keys: Sequence[str] = (), image_key: str = "image",
+                 colorize_nlabels: Optional[int] = None, monitor: Optional[str] = None):
+        super().__init__()
+        if not ddconfig.get("double_z", True):
+            raise ValueError("AutoencoderKL needs ddconfig.double_z: True (mean and log-variance)")
+        self.image_key = image_key
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.loss = instantiate_from_config(lossconfig)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(embed_dim, ddconfig["z_channels"], 1)
+        self.embed_dim = embed_dim
+        if colorize_nlabels is not None:
+            self.register_buffer("colorize", torch.randn(3, colorize_nlabels, 1, 1))
+        if monitor is not None:
+            self.monitor = monitor
+        self.automatic_optimization = False
+        self.learning_rate = 4.5e-6
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys))
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = ()) -> None:
+        from ldm.checkpoint import load_state_dict_into
+
+        load_state_dict_into(self, path, ignore_prefixes=ignore_keys)
+
+    @property
+    def device(self) -> torch.device:
+        return self.post_quant_conv.weight.device
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
+        """Posterior q(z|x) over latents of shape [B, embed_dim, H/f, W/f]."""
+        moments = self.quant_conv(self.encoder(x))
+        return DiagonalGaussianDistribution(moments)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] (approximately) from an unscaled latent."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, input: torch.Tensor, sample_posterior: bool = True):
+        posterior = self.encode(input)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior
+
+    def get_input(self, batch: Mapping[str, Any], k: str) -> torch.Tensor:
+        """Images from a batch: NHWC (as the datasets give them) to contiguous NCHW float."""
+        x = batch[k]
+        if x.ndim == 3:
+            x = x[..., None]
+        return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
+
+    def get_last_layer(self) -> torch.Tensor:
+        return self.decoder.conv_out.weight
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """One autoencoder step then one discriminator step (manual optimisation)."""
+        opt_ae, opt_disc = self.optimizers()
+        inputs = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(inputs)
+
+        aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, 0, self.global_step,
+                                        last_layer=self.get_last_layer(), split="train")
+        opt_ae.zero_grad()
+        self.manual_backward(aeloss)
+        opt_ae.step()
+
+        discloss, log_dict_disc = self.loss(inputs, reconstructions.detach(), posterior, 1, self.global_step,
+                                            last_layer=self.get_last_layer(), split="train")
+        opt_disc.zero_grad()
+        self.manual_backward(discloss)
+        opt_disc.step()
+
+        self.log("aeloss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log("discloss", discloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log_dict({**log_dict_ae, **log_dict_disc}, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict:
+        inputs = self.get_input(batch, self.image_key)
+        reconstructions, posterior = self(inputs)
+        aeloss, log_dict_ae = self.loss(inputs, reconstructions, posterior, 0, self.global_step,
+                                        last_layer=self.get_last_layer(), split="val")
+        _, log_dict_disc = self.loss(inputs, reconstructions, posterior, 1, self.global_step,
+                                     last_layer=self.get_last_layer(), split="val")
+        self.log("val/rec_loss", log_dict_ae["val/rec_loss"])
+        self.log_dict({**log_dict_ae, **log_dict_disc})
+        return log_dict_ae
+
+    def configure_optimizers(self):
+        lr = self.learning_rate
+        autoencoder_params = [*self.encoder.parameters(), *self.decoder.parameters(),
+                              *self.quant_conv.parameters(), *self.post_quant_conv.parameters()]
+        opt_ae = torch.optim.Adam(autoencoder_params, lr=lr, betas=(0.5, 0.9))
+        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
+        return [opt_ae, opt_disc], []
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], only_inputs: bool = False, **kwargs) -> dict[str, torch.Tensor]:
+        """Inputs, reconstructions and decoded prior samples, for the image logger."""
+        log: dict[str, torch.Tensor] = {}
+        x = self.get_input(batch, self.image_key).to(self.device)
+        if not only_inputs:
+            reconstructions, posterior = self(x)
+            if x.shape[1] > 3:
+                x, reconstructions = self.to_rgb(x), self.to_rgb(reconstructions)
+            log["samples"] = self.decode(torch.randn_like(posterior.sample()))
+            log["reconstructions"] = reconstructions
+        log["inputs"] = x
+        return log
+
+    def to_rgb(self, x: torch.Tensor) -> torch.Tensor:
+        """Project a segmentation map to RGB with a fixed random colouring."""
+        if not hasattr(self, "colorize"):
+            self.register_buffer("colorize", torch.randn(3, x.shape[1], 1, 1).to(x))
+        x = F.conv2d(x, weight=self.colorize)
+        return 2.0 * (x - x.min()) / (x.max() - x.min()) - 1.0
+
+
+class IdentityFirstStage(nn.Module):
+    """A first stage that does nothing (pixel-space diffusion)."""
+
+    def __init__(self, *args, vq_interface: bool = False, **kwargs):
+        super().__init__()
+        self.vq_interface = vq_interface
+
+    def encode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+    def decode(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return x
