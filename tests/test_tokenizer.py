@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+from tests.model_factory import DATA_DIR
+
+CASES = json.loads((DATA_DIR / "clip-vit-l14-tokens.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["prompt"][:20] or "empty" for c in CASES])
+def test_ids_match_the_original_clip_tokenizer(tokenizer, case):
+    assert tokenizer.encode(case["prompt"], max_length=None) == case["ids"]
+
+
+def test_padding_to_77_with_the_end_token(tokenizer):
+    ids = tokenizer.encode("a photo of *")
+    assert len(ids) == 77
+    assert ids[:6] == [49406, 320, 1125, 539, 265, 49407]
+    assert set(ids[6:]) == {49407}
+
+
+def test_truncation_keeps_the_end_token_last(tokenizer):
+    ids = tokenizer.encode("cat " * 200)
+    assert len(ids) == 77
+    assert ids[0] == 49406 and ids[-1] == 49407
+    assert ids[1:76] == [tokenizer.encode("cat", None)[1]] * 75
+
+
+def test_round_trip_decode(tokenizer):
+    assert tokenizer.decode(tokenizer.encode("a red circle on a blue background")) == "a red circle on a blue background"
+
+
+def test_frozen_clip_embedder_tokenizes_offline():
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    embedder = FrozenCLIPEmbedder(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2})
+    tokens = embedder.tokenize(["a photograph of an astronaut riding a horse", ""])
+    assert tokens.shape == (2, 77)
+    assert tokens[0, :10].tolist() == CASES[0]["ids"]
+    assert embedder(["a", "b"]).shape == (2, 77, 32)
