@@ -126,7 +126,7 @@ class DDIMSampler:
         a_t, a_prev, sigma_t = alphas[index], alphas_prev[index], sigmas[index]
         # Noise is drawn even when sigma_t = 0 so that the random stream, and so every later
         # draw of a run, matches the original sampler for the same seed.
-        noise = noise_like(x.shape, x.device, generator=generator) * temperature
+        noise = noise_like(x.shape, x.device, generator=generator).to(x.dtype) * temperature
         if noise_dropout > 0.0:
             noise = torch.nn.functional.dropout(noise, p=noise_dropout)
         if quantize_denoised:

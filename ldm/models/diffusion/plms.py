@@ -76,7 +76,7 @@ class PLMSSampler(DDIMSampler):
         a_t, a_prev, sigma_t = (v[index].to(x.dtype) for v in self._schedule(use_original_steps))
 
         def step(eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            noise = noise_like(x.shape, x.device, repeat_noise, generator=generator) * temperature
+            noise = noise_like(x.shape, x.device, repeat_noise, generator=generator).to(x.dtype) * temperature
             if noise_dropout > 0.0:
                 noise = torch.nn.functional.dropout(noise, p=noise_dropout)
             return ddim_step(x, eps, a_t, a_prev, sigma_t, noise)

@@ -41,6 +41,9 @@ def make_ddim_timesteps(ddim_discr_method: str, num_ddim_timesteps: int, num_ddp
     if ddim_discr_method == "uniform":
         stride = num_ddpm_timesteps // num_ddim_timesteps
         timesteps = np.asarray(list(range(0, num_ddpm_timesteps, stride)))
+        # As in the original, a step count that does not divide T gives one extra step; one that would
+        # step past the last timestep (the original crashed there, e.g. 3 or 9 steps) drops it.
+        timesteps = timesteps[timesteps + 1 < num_ddpm_timesteps]
     elif ddim_discr_method == "quad":
         timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps)) ** 2).astype(int)
     else:

@@ -1,0 +1,213 @@
+"""Checkpoint loading: formats, key layouts, EMA, safety and clear errors."""
+import os
+import pickle
+import sys
+import types
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ldm.checkpoint import load_model_from_config, read_checkpoint
+from ldm.errors import CheckpointError
+from tests.model_factory import random_tiny_model, tiny_config
+
+TEXT = "cond_stage_model.transformer."
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    return random_tiny_model(seed=11)
+
+
+@pytest.fixture(scope="module")
+def original_state(reference_model):
+    """The state dict as the original code saved it: text keys under `text_model.`, plus position_ids."""
+    state = {k: v.clone() for k, v in reference_model.state_dict().items()}
+    assert any(k.startswith(TEXT + "text_model.") for k in state)
+    state[TEXT + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    return state
+
+
+def assert_same_weights(model, reference):
+    ours = model.state_dict()
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours[key].to(value.dtype), value), key
+
+
+def test_lightning_ckpt_loads_with_no_missing_keys(tmp_path, original_state, reference_model, caplog):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_state, "global_step": 470000, "epoch": 5}, path)
+    with caplog.at_level("WARNING"):
+        model = load_model_from_config(tiny_config(), path)
+    assert "missing" not in caplog.text and "unexpected" not in caplog.text
+    assert_same_weights(model, reference_model)
+    assert not model.training
+
+
+def test_safetensors_loads(tmp_path, original_state, reference_model):
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in original_state.items()}, str(path))
+    assert_same_weights(load_model_from_config(tiny_config(), path), reference_model)
+
+
+def test_bare_state_dict_and_transformers5_text_layout(tmp_path, original_state, reference_model):
+    state = {k.replace(TEXT + "text_model.", TEXT): v for k, v in original_state.items()}
+    path = tmp_path / "bare.ckpt"
+    torch.save(state, path)
+    assert_same_weights(load_model_from_config(tiny_config(), path), reference_model)
+
+
+def test_full_checkpoint_honours_use_ema(tmp_path, original_state, reference_model):
+    ema_source = random_tiny_model(seed=12, config=_with_ema(tiny_config()))
+    full = dict(original_state)
+    full.update({k: v for k, v in ema_source.state_dict().items() if k.startswith("model_ema.")})
+    path = tmp_path / "full.ckpt"
+    torch.save({"state_dict": full}, path)
+    without_ema = load_model_from_config(tiny_config(), path)
+    assert_same_weights(without_ema, reference_model)
+    assert not hasattr(without_ema, "model_ema")
+    with_ema = load_model_from_config(_with_ema(tiny_config()), path)
+    with with_ema.ema_scope():
+        weight = with_ema.model.diffusion_model.out[2].weight.clone()
+    expected = ema_source.model_ema.diffusion_modelout2weight
+    assert torch.equal(weight, expected)
+
+
+def _with_ema(config):
+    config.model.params.use_ema = True
+    return config
+
+
+def test_ema_is_seeded_from_loaded_weights_when_checkpoint_has_none(tmp_path, original_state, reference_model):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_state}, path)
+    model = load_model_from_config(_with_ema(tiny_config()), path)
+    with model.ema_scope():
+        assert torch.equal(model.model.diffusion_model.out[2].weight,
+                           reference_model.model.diffusion_model.out[2].weight)
+
+
+def test_lightning_1x_callback_key_is_allowed(tmp_path, original_state, monkeypatch):
+    module_name = "pytorch_lightning.callbacks.model_checkpoint"
+    fake = types.ModuleType(module_name)
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__ = module_name
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    fake.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module_name):
+        monkeypatch.setitem(sys.modules, name, sys.modules.get(name) or types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, module_name, fake)
+    path = tmp_path / "pl1.ckpt"
+    torch.save({"state_dict": original_state, "global_step": 1,
+                "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.1), "dirpath": "x"}}}, path)
+    monkeypatch.delitem(sys.modules, module_name)
+    assert "state_dict" in read_checkpoint(path)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode(marker)}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_legacy_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil-legacy.ckpt"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": _RunsCode(marker)}, handle, protocol=2)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path, original_state, suffix):
+    path = tmp_path / ("model" + suffix)
+    if suffix == ".ckpt":
+        torch.save({"state_dict": original_state}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in original_state.items()}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model_from_config(tiny_config(), path)
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, I am not a checkpoint\n" * 10])
+def test_file_that_is_not_a_checkpoint(tmp_path, content):
+    path = tmp_path / "notes.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint(tmp_path / "absent.ckpt")
+
+
+def test_wrong_architecture_names_a_few_mismatched_tensors(tmp_path):
+    config = tiny_config()
+    config.model.params.unet_config.params.model_channels = 64
+    other = random_tiny_model(seed=1, config=config)
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": other.state_dict()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model_from_config(tiny_config(), path)
+    message = str(info.value)
+    assert "does not fit" in message and "model.diffusion_model." in message and "(64" in message
+    assert "\n" not in message and len(message) < 1000
+
+
+def test_checkpoint_of_an_unrelated_model(tmp_path):
+    path = tmp_path / "classifier.safetensors"
+    save_file({f"layer{i}.weight": torch.zeros(3, 3) for i in range(20)}, str(path))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model_from_config(tiny_config(), path)
+
+
+def test_loading_runs_no_weight_initialiser(tmp_path, original_state, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_state}, path)
+    calls = []
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "xavier_uniform_", "ones_", "zeros_"):
+        original = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name,
+                            lambda *a, _name=name, _original=original, **k: calls.append(_name) or _original(*a, **k))
+    load_model_from_config(tiny_config(), path)
+    assert calls == []
+
+
+def test_missing_keys_are_initialised_not_left_as_garbage(tmp_path, original_state, caplog):
+    state = {k: v for k, v in original_state.items() if "time_embed" not in k}
+    path = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": state}, path)
+    with caplog.at_level("WARNING"):
+        model = load_model_from_config(tiny_config(), path)
+    assert "missing" in caplog.text
+    weight = model.model.diffusion_model.time_embed[0].weight
+    assert torch.isfinite(weight).all() and 0 < weight.abs().max() < 1
+
+
+def test_dtype_casts_weights_but_keeps_the_schedule_in_float32(tmp_path, original_state):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_state}, path)
+    model = load_model_from_config(tiny_config(), path, dtype=torch.bfloat16)
+    assert model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert model.alphas_cumprod.dtype == torch.float32
