@@ -20,8 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ldm.checkpoint import read_state_dict  # noqa: E402
 from ldm.errors import UserInputError  # noqa: E402
+from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS  # noqa: E402
 
 EMA_PREFIX = "model_ema."
+FLOAT32_KEYS = frozenset(SCHEDULE_BUFFERS) | {"scale_factor"}
 
 
 def ema_into_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -41,9 +43,7 @@ def export(source: str, target: str, half: bool, keep_training_weights: bool) ->
     state = {k: v for k, v in state.items() if not k.startswith(EMA_PREFIX)} if keep_training_weights \
         else ema_into_model(state)
     if half:
-        state = {k: v.half() if v.is_floating_point() and not k.startswith(("betas", "alphas", "sqrt_", "log_",
-                                                                                   "posterior_")) else v
-                 for k, v in state.items()}
+        state = {k: v.half() if v.is_floating_point() and k not in FLOAT32_KEYS else v for k, v in state.items()}
     state = {k: v.contiguous() for k, v in state.items()}
     target_path = Path(target)
     if target_path.exists():
