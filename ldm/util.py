@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from inspect import isfunction
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
@@ -37,7 +38,14 @@ def instantiate_from_config(config: Mapping[str, Any]) -> Any:
             return None
         raise UserInputError("config has no 'target' key: every model section needs 'target:' and optional 'params:'")
     params = config.get("params", None) or {}
-    return get_obj_from_str(config["target"])(**params)
+    target = get_obj_from_str(config["target"])
+    try:
+        inspect.signature(target).bind(**params)
+    except TypeError as error:
+        raise UserInputError(f"config target {config['target']!r}: {error}; check its 'params'") from error
+    except ValueError:
+        pass
+    return target(**params)
 
 
 def load_model_from_config(config: Any, ckpt: Optional[str], **kwargs: Any) -> nn.Module:

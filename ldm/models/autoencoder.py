@@ -77,7 +77,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder.conv_out.weight
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        """One autoencoder step then one discriminator step (manual optimisation)."""
+        """One autoencoder step then, once the adversarial loss has started, one discriminator step (manual
+        optimisation; Lightning 2 counts each optimizer step in `global_step`)."""
         opt_ae, opt_disc = self.optimizers()
         inputs = self.get_input(batch, self.image_key)
         reconstructions, posterior = self(inputs)
@@ -88,15 +89,18 @@ class AutoencoderKL(nn.Module):
         self.manual_backward(aeloss)
         opt_ae.step()
 
+        self.log("aeloss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
+        self.log_dict(log_dict_ae, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        discriminator_active = getattr(self.loss, "discriminator_active", None)
+        if discriminator_active is not None and not discriminator_active(self.global_step):
+            return
         discloss, log_dict_disc = self.loss(inputs, reconstructions.detach(), posterior, 1, self.global_step,
                                             last_layer=self.get_last_layer(), split="train")
         opt_disc.zero_grad()
         self.manual_backward(discloss)
         opt_disc.step()
-
-        self.log("aeloss", aeloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
         self.log("discloss", discloss, prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log_dict({**log_dict_ae, **log_dict_disc}, prog_bar=False, logger=True, on_step=True, on_epoch=False)
+        self.log_dict(log_dict_disc, prog_bar=False, logger=True, on_step=True, on_epoch=False)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict:
         inputs = self.get_input(batch, self.image_key)

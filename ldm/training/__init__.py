@@ -1,0 +1,1 @@
+"""Training support for `main.py` (PyTorch Lightning 2): data module, callbacks, checkpoint I/O, run directories."""

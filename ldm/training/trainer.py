@@ -1,0 +1,78 @@
+"""Building the Lightning `Trainer` of a run from the config's `lightning` section and `--gpus`."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import CSVLogger
+
+from ldm.errors import UserInputError
+from ldm.training.callbacks import EmbeddingCheckpoint, SetupCallback
+from ldm.training.checkpoint_io import AtomicCheckpointIO
+from ldm.training.run import RunPaths
+from ldm.util import instantiate_from_config
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_callback(model: Any, paths: RunPaths, lightning_config: DictConfig, has_validation: bool) -> Any:
+    """The original's ModelCheckpoint: `last.ckpt` always; the best 3 by the model's `monitor` when there
+    is validation data; `lightning.modelcheckpoint.params` override (e.g. every_n_train_steps)."""
+    params: dict[str, Any] = {"dirpath": paths.ckptdir, "filename": "{epoch:06}", "verbose": True, "save_last": True}
+    monitor = getattr(model, "monitor", None)
+    if monitor and has_validation:
+        params.update(monitor=monitor, save_top_k=3)
+    overrides = OmegaConf.select(lightning_config, "modelcheckpoint.params", default=None)
+    if overrides is not None:
+        params.update(OmegaConf.to_container(overrides, resolve=True))
+    return pl.callbacks.ModelCheckpoint(**params)
+
+
+class SaveOnException(pl.Callback):
+    """On an exception or Ctrl-C during training, save `last.ckpt` so that `-r` can go on (the original's `melk`)."""
+
+    def __init__(self, ckptdir: str):
+        super().__init__()
+        self.ckptdir = ckptdir
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.global_step == 0 or isinstance(exception, UserInputError):
+            return
+        path = os.path.join(self.ckptdir, "last.ckpt")
+        logger.warning("training stopped (%s): saving %s", type(exception).__name__, path)
+        trainer.save_checkpoint(path)
+
+
+def build_callbacks(model: Any, paths: RunPaths, config: DictConfig, lightning_config: DictConfig,
+                    has_validation: bool, trainable_only: bool) -> list[pl.Callback]:
+    callbacks_config = OmegaConf.merge(
+        {"image_logger": {"target": "ldm.training.image_logger.ImageLogger",
+                          "params": {"batch_frequency": 750, "max_images": 4, "clamp": True}},
+         "learning_rate_logger": {"target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                                  "params": {"logging_interval": "step"}}},
+        lightning_config.get("callbacks", {}))
+    callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir, config, lightning_config),
+                 checkpoint_callback(model, paths, lightning_config, has_validation),
+                 SaveOnException(paths.ckptdir)]
+    callbacks += [instantiate_from_config(callbacks_config[name]) for name in callbacks_config]
+    if getattr(model, "embedding_manager", None) is not None:
+        callbacks.append(EmbeddingCheckpoint(paths.ckptdir, trainable_only))
+    return callbacks
+
+
+def build_trainer(model: Any, paths: RunPaths, config: DictConfig, lightning_config: DictConfig,
+                  trainer_config: dict[str, Any], has_validation: bool, trainable_only: bool) -> pl.Trainer:
+    if not has_validation:
+        trainer_config["limit_val_batches"] = 0
+    if not getattr(model, "automatic_optimization", True) and trainer_config.get("strategy") == "ddp":
+        trainer_config["strategy"] = "ddp_find_unused_parameters_true"
+    return pl.Trainer(
+        **trainer_config,
+        logger=CSVLogger(save_dir=paths.logdir, name="csv", version=paths.now),
+        callbacks=build_callbacks(model, paths, config, lightning_config, has_validation, trainable_only),
+        plugins=[AtomicCheckpointIO()],
+        default_root_dir=paths.logdir,
+    )

@@ -1,0 +1,192 @@
+"""main.py end to end: training runs as subprocesses on tiny configs, their log layout, resuming after
+a SIGKILL, two-process DDP, bad input; and overfitting a fixed batch in-process."""
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model_factory import REPO_DIR, TESTS_DIR
+
+TINY_SD = str(TESTS_DIR / "configs" / "tiny-sd.yaml")
+TINY_TRAIN = str(TESTS_DIR / "configs" / "tiny-train.yaml")
+TINY_AE = str(TESTS_DIR / "configs" / "tiny-autoencoder.yaml")
+MAIN = str(REPO_DIR / "main.py")
+
+
+def main_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = str(REPO_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_main(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, MAIN, *args], cwd=cwd, env=main_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def only_run(cwd: Path) -> Path:
+    runs = [Path(p) for p in glob.glob(str(cwd / "logs" / "*")) if not p.endswith("debug_runs")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def metric_steps(run: Path, column: str) -> list[tuple[int, float]]:
+    rows = []
+    for path in sorted(run.glob("csv/*/metrics.csv")):
+        with open(path) as handle:
+            rows += [(int(row["step"]), float(row[column])) for row in csv.DictReader(handle) if row.get(column)]
+    return rows
+
+
+def test_latent_diffusion_training_leaves_the_log_layout(tmp_path):
+    result = run_main(["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "tiny"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert run.name.endswith("_tiny")
+    assert sorted(p.name.rsplit("-", 1)[-1] for p in (run / "configs").iterdir()) == ["lightning.yaml", "project.yaml"]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    state = checkpoint["state_dict"]
+    assert any(key.startswith("model.diffusion_model.") for key in state)
+    assert any(key.startswith("model_ema.") for key in state)
+    assert any(key.startswith("cond_stage_model.transformer.text_model.") for key in state)
+    assert {"inputs", "reconstruction", "samples", "conditioning", "progressive_row"} <= {
+        p.name.split("_gs-")[0] for p in (run / "images" / "train").glob("*.png")}
+    assert metric_steps(run, "train/loss_simple_step")
+    assert not list(run.rglob(".tmp-*")), "no temporary files are left behind"
+    assert f"run saved in {os.path.join('logs', run.name)}" in result.stdout
+
+
+def test_autoencoder_training_with_discriminator(tmp_path):
+    result = run_main(["--base", TINY_AE, "-t", "-n", "ae"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(key.startswith("loss.discriminator.") for key in checkpoint["state_dict"])
+    assert len(checkpoint["optimizer_states"]) == 2
+    assert metric_steps(run, "train/disc_loss"), "the discriminator trains once disc_start is reached"
+    assert {"inputs", "reconstructions", "samples"} <= {p.name.split("_gs-")[0]
+                                                        for p in (run / "images" / "train").glob("*.png")}
+
+
+def test_loss_goes_down_when_overfitting_a_fixed_batch():
+    from ldm.data.shapes import SyntheticShapes
+    from tests.model_factory import random_tiny_model
+
+    torch.manual_seed(0)
+    model = random_tiny_model().train()
+    data = SyntheticShapes(size=64, length=2, seed=0)
+    batch = {"jpg": torch.stack([torch.from_numpy(data[i]["image"]) for i in range(2)]),
+             "txt": [data[i]["caption"] for i in range(2)]}
+    z, c = model.get_input(batch, "jpg")
+    t = torch.tensor([300, 600])
+    noise = torch.randn_like(z)
+    optimizer = torch.optim.AdamW(model.model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = model.p_losses(z, c, t, noise=noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_run_killed_mid_way_resumes_where_its_last_checkpoint_stopped(tmp_path):
+    args = ["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "killed", "lightning.trainer.max_steps=400",
+            "lightning.modelcheckpoint.params.every_n_train_steps=5", "lightning.trainer.val_check_interval=1000",
+            "lightning.callbacks.image_logger.params.batch_frequency=1000"]
+    process = subprocess.Popen([sys.executable, MAIN, *args], cwd=tmp_path, env=main_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline:
+            last = glob.glob(str(tmp_path / "logs" / "*" / "checkpoints" / "last.ckpt"))
+            if last and torch.load(last[0], weights_only=True)["global_step"] >= 10:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no checkpoint within 180 s")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    run = only_run(tmp_path)
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    saved_step = saved["global_step"]
+    adam_step = next(iter(saved["optimizer_states"][0]["state"].values()))["step"].item()
+    assert adam_step == saved_step
+
+    target = saved_step + 6
+    result = run_main(["-r", str(run), "-t", f"lightning.trainer.max_steps={target}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == target
+    assert next(iter(resumed["optimizer_states"][0]["state"].values()))["step"].item() == target
+    assert resumed["lr_schedulers"][0]["last_epoch"] == target
+    assert resumed["state_dict"]["model_ema.num_updates"].item() == target
+    sessions = sorted((run / "csv").iterdir())
+    assert len(sessions) == 2, "each session keeps its own metrics file"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    result = run_main(["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "ddp", "lightning.trainer.devices=2",
+                       "lightning.trainer.strategy=ddp", "lightning.trainer.max_steps=2",
+                       "lightning.trainer.val_check_interval=2"], tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2
+    assert "Setting learning rate to 4.00e-04 = 1 (accumulate_grad_batches) * 2 (devices)" in result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert lines[-1].startswith("main.py: error:"), lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", ["missing_config", "bad_yaml", "bad_target", "bad_params", "missing_data_dir",
+                                  "resume_not_a_run",
+                                  "unknown_option", "gpus_without_gpu"])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, case):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [unclosed\n")
+    bad_target = tmp_path / "target.yaml"
+    bad_target.write_text("model:\n  target: ldm.nothing.Here\ndata:\n  target: main.DataModuleFromConfig\n"
+                          "  params: {batch_size: 1}\n")
+    missing_data = tmp_path / "data.yaml"
+    missing_data.write_text("data:\n  target: main.DataModuleFromConfig\n  params:\n    batch_size: 1\n    train:\n"
+                            f"      target: ldm.data.captioned.CaptionedImages\n      params: {{data_root: {tmp_path / 'nope'}}}\n")
+    (tmp_path / "not_a_run").mkdir()
+    args = {
+        "missing_config": ["--base", str(tmp_path / "missing.yaml"), "-t"],
+        "bad_yaml": ["--base", str(bad_yaml), "-t"],
+        "bad_target": ["--base", str(bad_target), "-t"],
+        "bad_params": ["--base", TINY_SD, TINY_TRAIN, "-t", "data.params.train.params.colour=red"],
+        "missing_data_dir": ["--base", TINY_SD, str(missing_data), "-t"],
+        "resume_not_a_run": ["-r", str(tmp_path / "not_a_run"), "-t"],
+        "unknown_option": ["--base", TINY_SD, TINY_TRAIN, "-t", "--max_stepz", "3"],
+        "gpus_without_gpu": ["--base", TINY_SD, TINY_TRAIN, "-t", "--gpus", "0,"],
+    }[case]
+    if case == "gpus_without_gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is available")
+    line = one_line_error(run_main(args, tmp_path, timeout=120))
+    expected = {"missing_config": "config not found", "bad_yaml": "cannot parse config", "bad_target": "cannot be imported",
+                "bad_params": "unexpected keyword argument 'colour'",
+                "missing_data_dir": "data directory not found", "resume_not_a_run": "not a training run",
+                "unknown_option": "unrecognised argument", "gpus_without_gpu": "leave --gpus out"}[case]
+    assert expected in line
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
