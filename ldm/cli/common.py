@@ -1,0 +1,263 @@
+"""Argument parsing and checking shared by the sampling scripts, and the wrapper that turns
+user mistakes into one line on stderr with exit code 2.
+
+Nothing here imports torch: every check in this module runs before the model stack loads.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn, Optional, Sequence
+
+from ldm.errors import UserInputError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+SAMPLERS = ("ddim", "plms", "dpm_solver")
+PRECISIONS = ("autocast", "full", "bf16", "fp16")
+MAX_SEED = 2 ** 32 - 1
+SD_WEIGHTS_HINT = ("download sd-v1-4.ckpt from https://huggingface.co/CompVis/stable-diffusion-v-1-4-original "
+                   "(accept the licence on the model card first) and save it there, or pass --ckpt PATH")
+LDM_WEIGHTS_HINT = ("download it from https://ommer-lab.com/files/latent-diffusion/nitro/txt2img-f8-large/model.ckpt "
+                    "and save it there, or pass --ckpt PATH")
+SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
+SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
+LAION_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
+LAION_CKPT = "models/ldm/text2img-large/model.ckpt"
+LAION_OUTDIR = "outputs/txt2img-samples-laion400m"
+DEMO_HINT = "(or try the small demo model that ships with this repository: add --demo)"
+
+
+class CliArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a script's `main`; `UserInputError` becomes one stderr line and exit code 2, Ctrl-C exit code 130."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except UserInputError as error:
+        message = " ".join(str(error).split())
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{prog}: interrupted\n")
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if type(error).__name__ == "OutOfMemoryError":
+            sys.stderr.write(f"{prog}: error: out of GPU memory; use a smaller --n_samples, --H or --W\n")
+            return 1
+        raise
+    return 0
+
+
+class _ProgressBarHandler(logging.Handler):
+    """Writes log records to stderr through tqdm, so that they do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Send this package's log messages (at `level`) and other libraries' warnings to stderr."""
+    handler = _ProgressBarHandler()
+    handler.setFormatter(_Formatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    logging.getLogger("ldm").setLevel(level)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a float >= 0."""
+    value = float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed in [0, 2**32 - 1] (the range numpy and the original accept)."""
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
+    return value
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options both scripts add to the original ones: samplers, devices, safety, watermark, embeddings."""
+    group = parser.add_argument_group("beyond the original scripts")
+    group.add_argument("--demo", action="store_true",
+                       help="use the small demo model that ships in models/demo (config.yaml, model.safetensors) "
+                            "instead of Stable Diffusion; --f, --C and the default --H/--W come from its config")
+    group.add_argument("--dpm_solver", action="store_true", help="use the DPM-Solver++(2M) sampler (good at 15-25 steps)")
+    group.add_argument("--sampler", choices=SAMPLERS, default=None,
+                       help="sampler by name; the same as --plms / --dpm_solver, default ddim")
+    group.add_argument("--negative_prompt", type=str, default="",
+                       help="text for the unconditional branch of classifier-free guidance (the original uses \"\")")
+    group.add_argument("--device", type=str, default="auto",
+                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    group.add_argument("--seed_per_sample", action="store_true",
+                       help="give sample k of the run the seed SEED+k and render it on its own, so that "
+                            "--seed SEED+k --n_samples 1 --n_iter 1 re-renders exactly that sample")
+    group.add_argument("--no_watermark", action="store_true",
+                       help="do not put the invisible 'StableDiffusionV1' watermark into the saved images")
+    group.add_argument("--no_safety_checker", action="store_true", help="do not run the NSFW safety checker")
+    group.add_argument("--require_safety_checker", action="store_true",
+                       help="stop with an error if the safety checker cannot be loaded, instead of a warning")
+    group.add_argument("--safety_checker", type=str, default=None, metavar="DIR_OR_HUB_ID",
+                       help="local directory (or Hugging Face id) of the diffusers safety checker and its CLIP "
+                            "feature extractor; default $LDM_SAFETY_CHECKER or CompVis/stable-diffusion-safety-checker")
+    group.add_argument("--embedding_path", type=str, nargs="+", default=None, metavar="PATH",
+                       help="textual-inversion embedding file(s) whose placeholder words the prompt may use")
+
+
+def resolve_sampler(opt: argparse.Namespace) -> str:
+    """The sampler the flags ask for; contradicting flags are an error."""
+    asked = {name for name, flag in (("plms", opt.plms), ("dpm_solver", opt.dpm_solver)) if flag}
+    if opt.sampler is not None:
+        asked.add(opt.sampler)
+    if len(asked) > 1:
+        raise UserInputError(f"choose one sampler, got {' and '.join(sorted(asked))}")
+    return asked.pop() if asked else "ddim"
+
+
+def check_common_arguments(opt: argparse.Namespace) -> None:
+    """Checks that need no model: contradicting flags, embedding files, sizes against --f."""
+    if opt.seed_per_sample and opt.fixed_code:
+        raise UserInputError("--seed_per_sample gives every sample its own start code; it cannot be combined "
+                             "with --fixed_code")
+    if opt.sampler != "ddim" and opt.ddim_eta != 0:
+        raise UserInputError(f"--ddim_eta applies to DDIM only; {opt.sampler} is deterministic (leave eta at 0)")
+    if opt.no_safety_checker and opt.require_safety_checker:
+        raise UserInputError("--no_safety_checker and --require_safety_checker contradict each other")
+    for path in opt.embedding_path or ():
+        if not Path(path).is_file():
+            raise UserInputError(f"embedding file not found: {path}")
+    if opt.demo:
+        return  # --f, --C and the size multiple come from the demo config, checked once it is read
+    if opt.f & (opt.f - 1):
+        raise UserInputError(f"--f must be a power of two (the autoencoder's downsampling factor), got {opt.f}")
+    for name in ("H", "W"):
+        value = getattr(opt, name, None)
+        if value is not None and value % opt.f:
+            raise UserInputError(f"--{name} must be a multiple of {opt.f} (--f), got {value}")
+
+
+def read_prompt_batches(prompt: Optional[str], from_file: Optional[str], batch_size: int) -> list[list[str]]:
+    """Batches of prompts: `batch_size` copies of `prompt`, or the non-blank lines of `from_file` in
+    chunks of `batch_size` (the last chunk may be smaller)."""
+    if not from_file:
+        if prompt is None:
+            raise UserInputError("give a --prompt or --from-file")
+        return [batch_size * [prompt]]
+    path = Path(from_file)
+    if not path.is_file():
+        raise UserInputError(f"prompt file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserInputError(f"cannot read prompt file {path}: {error}") from error
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UserInputError(f"prompt file {path} is empty: write one prompt per line")
+    return [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+
+
+def check_writable_dir(path: str | os.PathLike) -> None:
+    """Fail early if `path` cannot be created or written to; creates nothing."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserInputError(f"cannot write to output directory {path}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write to output directory {path}: {probe} is not writable")
+    for sub in (path, path / "samples"):
+        if sub.exists() and not (sub.is_dir() and os.access(sub, os.W_OK | os.X_OK)):
+            raise UserInputError(f"cannot write to output directory {path}: {sub} is not a writable directory")
+
+
+def resolve_model_paths(opt: argparse.Namespace, outdir: str) -> None:
+    """Fill in --config, --ckpt and --outdir: explicit values win, then --demo or --laion400m, then SD v1's."""
+    from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG
+
+    if getattr(opt, "laion400m", False) and opt.demo:
+        raise UserInputError("--demo and --laion400m choose different models; give one of them")
+    if opt.demo:
+        config, ckpt = str(DEMO_CONFIG), str(DEMO_CHECKPOINT)
+    elif getattr(opt, "laion400m", False):
+        config, ckpt, outdir = LAION_CONFIG, LAION_CKPT, opt.outdir or LAION_OUTDIR
+    else:
+        config, ckpt = SD_CONFIG, SD_CKPT
+    opt.config, opt.ckpt, opt.outdir = opt.config or config, opt.ckpt or ckpt, opt.outdir or outdir
+
+
+def check_checkpoint_exists(opt: argparse.Namespace) -> None:
+    """A missing checkpoint file is reported with where the weights come from."""
+    path = Path(opt.ckpt)
+    if path.is_file():
+        return
+    what = "is a directory" if path.is_dir() else "not found"
+    if opt.demo:
+        hint = ("the demo model ships with this repository: restore models/demo from git, or train it as "
+                "README.md describes, or pass --ckpt PATH")
+    elif getattr(opt, "laion400m", False):
+        hint = LDM_WEIGHTS_HINT
+    else:
+        hint = f"{SD_WEIGHTS_HINT} {DEMO_HINT}"
+    raise UserInputError(f"checkpoint {what}: {path}; {hint}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (every device's) random generators, as Lightning's seed_everything does."""
+    import numpy as np
+    import torch
+
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

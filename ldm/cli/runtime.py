@@ -1,0 +1,128 @@
+"""Device and precision selection, model geometry checks and model loading for the sampling scripts."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, ContextManager, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig
+
+from ldm.checkpoint import load_config, load_model_from_config, model_config_section
+from ldm.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+def select_device(name: str) -> torch.device:
+    """'auto' is CUDA, then MPS, then CPU; an explicit device must be usable."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserInputError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserInputError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"--device {name}: use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def precision_context(precision: str, device: torch.device) -> ContextManager:
+    """The context the model runs in: 'autocast' is fp16 autocast on CUDA (as the original) and fp32
+    elsewhere, 'fp16' fp16 autocast (CUDA only), 'bf16' bf16 autocast, 'full' fp32."""
+    if precision == "full" or (precision == "autocast" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if precision in ("autocast", "fp16"):
+        if device.type != "cuda":
+            raise UserInputError(f"--precision fp16 needs a CUDA device, not {device.type}; use full or bf16")
+        return torch.autocast("cuda", dtype=torch.float16)
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserInputError("--precision bf16: this GPU does not support bfloat16; use autocast")
+        if device.type not in ("cuda", "cpu"):
+            raise UserInputError(f"--precision bf16 is supported on CUDA and CPU, not {device.type}; use full")
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise UserInputError(f"unknown --precision {precision!r}")
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a config says about image sizes: autoencoder factor, latent channels, size multiple, T."""
+
+    factor: int
+    latent_channels: int
+    size_multiple: int
+    num_timesteps: int
+    image_size: int  # the training resolution in pixels: the latent image_size times the factor
+
+
+def read_geometry(config: DictConfig) -> ModelGeometry:
+    """The geometry of a latent diffusion config (entries it lacks fall back to Stable Diffusion's)."""
+    params = model_config_section(config).get("params", {}) or {}
+    first_stage = (params.get("first_stage_config", {}) or {}).get("params", {}) or {}
+    ch_mult = (first_stage.get("ddconfig", {}) or {}).get("ch_mult", [1, 2, 4, 4])
+    unet = (params.get("unet_config", {}) or {}).get("params", {}) or {}
+    factor = 2 ** (len(ch_mult) - 1)
+    unet_downsamplings = len(unet.get("channel_mult", [1, 2, 4, 4])) - 1
+    return ModelGeometry(factor=factor, latent_channels=int(params.get("channels", 4)),
+                         size_multiple=factor * 2 ** unet_downsamplings,
+                         num_timesteps=int(params.get("timesteps", 1000)),
+                         image_size=factor * int(params.get("image_size", 64)))
+
+
+def load_checked_config(opt: argparse.Namespace) -> tuple[DictConfig, ModelGeometry]:
+    """Read --config and check --C, --f and --ddim_steps against the model it describes; with --demo,
+    --f and --C are taken from the config instead."""
+    config = load_config(opt.config)
+    if "model" not in config:
+        raise UserInputError(f"config {opt.config} has no 'model' section")
+    geometry = read_geometry(config)
+    if opt.demo:
+        opt.f, opt.C = geometry.factor, geometry.latent_channels
+    if opt.f != geometry.factor:
+        raise UserInputError(f"--f {opt.f} does not match the model of {opt.config}, whose autoencoder "
+                             f"downsamples by {geometry.factor}")
+    if opt.C != geometry.latent_channels:
+        raise UserInputError(f"--C {opt.C} does not match the model of {opt.config}, which has "
+                             f"{geometry.latent_channels} latent channels")
+    if opt.ddim_steps > geometry.num_timesteps:
+        raise UserInputError(f"--ddim_steps must be at most {geometry.num_timesteps} (the model's timesteps), "
+                             f"got {opt.ddim_steps}")
+    return config, geometry
+
+
+def check_image_size(geometry: ModelGeometry, H: int, W: int) -> None:
+    """H and W must be positive multiples of what the model's autoencoder and UNet downsample by."""
+    for name, value in (("H", H), ("W", W)):
+        if value < geometry.size_multiple or value % geometry.size_multiple:
+            raise UserInputError(f"--{name} must be a multiple of {geometry.size_multiple} for this model, got "
+                                 f"{value}")
+
+
+def load_model(config: DictConfig, ckpt: str, device: torch.device,
+               embedding_paths: Optional[Sequence[str]] = None) -> Any:
+    """The model of `config` with the weights of `ckpt` on `device`, with textual-inversion embeddings attached."""
+    logger.info("loading model from %s", ckpt)
+    model = load_model_from_config(config, ckpt, device=device)
+    if embedding_paths:
+        try:
+            from ldm.modules.embedding_manager import attach_embeddings
+        except ImportError as error:
+            raise UserInputError("--embedding_path is not available: this installation has no "
+                                 f"ldm.modules.embedding_manager.attach_embeddings ({error})") from error
+        placeholders = attach_embeddings(model, list(embedding_paths))
+        logger.info("textual-inversion embeddings loaded; the prompt may use %s", ", ".join(placeholders))
+    return model

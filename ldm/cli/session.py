@@ -1,0 +1,82 @@
+"""Everything a sampling run builds after its arguments are checked: the model on its device, the
+precision context, the sampler, the safety checker, the watermark and the image writer."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from omegaconf import DictConfig
+
+import ldm
+from ldm.cli.hashing import BackgroundHash
+from ldm.cli.runtime import load_model, precision_context, select_device
+from ldm.cli.safety import SafetyChecker
+from ldm.cli.watermark import Watermarker
+from ldm.cli.writer import ImageWriter
+from ldm.models.diffusion.registry import make_sampler
+
+logger = logging.getLogger(__name__)
+
+SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M"}
+
+
+@dataclass
+class Session:
+    """A loaded model, its sampler and what its samples go through."""
+
+    opt: argparse.Namespace
+    model: Any
+    sampler: Any
+    device: torch.device
+    writer: ImageWriter
+    checkpoint_hash: BackgroundHash
+
+    def precision(self) -> ContextManager:
+        """A fresh context for the model's forward passes at the requested precision."""
+        return precision_context(self.opt.precision, self.device)
+
+    def fields(self, seed: int, size: tuple[int, int], **extra: Any) -> dict[str, Any]:
+        """The `parameters` fields of one sample (web-UI names first, then this project's)."""
+        opt = self.opt
+        fields: dict[str, Any] = {
+            "Steps": opt.ddim_steps, "Sampler": SAMPLER_LABELS[opt.sampler], "CFG scale": opt.scale, "Seed": seed,
+            "Size": f"{size[0]}x{size[1]}", "Model hash": self.checkpoint_hash.short(),
+            "Model": Path(opt.ckpt).stem,
+        }
+        fields.update(extra)
+        if opt.sampler == "ddim":
+            fields["Eta"] = opt.ddim_eta
+        fields["Precision"] = opt.precision
+        if opt.embedding_path:
+            fields["Embeddings"] = " ".join(Path(p).name for p in opt.embedding_path)
+        fields["Version"] = f"ldm {ldm.__version__}"
+        return fields
+
+
+def open_session(opt: argparse.Namespace, config: DictConfig) -> Session:
+    """Resolve the safety checker, load the model and create the output directories.
+
+    Every check that can fail on user input runs before anything is written.
+    """
+    safety = None
+    if not opt.no_safety_checker:
+        safety = SafetyChecker(opt.safety_checker, required=opt.require_safety_checker)
+        safety.resolve()
+    checkpoint_hash = BackgroundHash(opt.ckpt)
+    device = select_device(opt.device)
+    precision_context(opt.precision, device)
+    model = load_model(config, opt.ckpt, device, opt.embedding_path)
+    if safety is not None:
+        safety.load(device)
+    writer = ImageWriter(opt.outdir, negative_prompt=opt.negative_prompt, grid_columns=opt.n_rows or opt.n_samples,
+                         skip_save=opt.skip_save, skip_grid=opt.skip_grid,
+                         safety=safety if safety is not None and safety.available else None,
+                         watermark=None if opt.no_watermark else Watermarker())
+    writer.prepare()
+    logger.info("sampling on %s (%s precision) with %s", device, opt.precision, SAMPLER_LABELS[opt.sampler])
+    return Session(opt=opt, model=model, sampler=make_sampler(opt.sampler, model), device=device, writer=writer,
+                   checkpoint_hash=checkpoint_hash)

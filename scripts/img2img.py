@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Image to image (SDEdit) with Stable Diffusion v1: the flags of the original CompVis `scripts/img2img.py`,
+and more.
+
+    python scripts/img2img.py --prompt "A fantasy landscape, trending on artstation" --init-img sketch.jpg --strength 0.8
+
+The init image is encoded, noised to step int(strength * ddim_steps) of the DDIM schedule and denoised
+from there under the prompt (Meng et al. 2022, arXiv:2108.01073).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional, Sequence
+
+from ldm.cli.common import (
+    CliArgumentParser,
+    add_common_arguments,
+    SD_CKPT,
+    SD_CONFIG,
+    check_checkpoint_exists,
+    check_common_arguments,
+    check_writable_dir,
+    configure_logging,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    read_prompt_batches,
+    resolve_model_paths,
+    resolve_sampler,
+    run_cli,
+    seed_everything,
+    seed_int,
+    unit_float,
+)
+from ldm.errors import UserInputError
+
+DEFAULT_OUTDIR = "outputs/img2img-samples"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the original script's flags (same names, defaults and meaning) and the additions."""
+    parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
+                        help="the prompt to render (default: %(default)r)")
+    parser.add_argument("--init-img", type=str, nargs="?", default=None,
+                        help="path to the input image (any format PIL reads; EXIF orientation is applied, "
+                             "transparency flattened onto white, sides rounded down to a multiple of what the "
+                             "model downsamples by: 64 for SD v1)")
+    parser.add_argument("--outdir", type=str, nargs="?", default=None,
+                        help=f"dir to write results to (default: {DEFAULT_OUTDIR})")
+    parser.add_argument("--skip_grid", action="store_true",
+                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
+    parser.add_argument("--skip_save", action="store_true",
+                        help="do not save individual samples. For speed measurements.")
+    parser.add_argument("--ddim_steps", type=positive_int, default=50,
+                        help="number of ddim sampling steps (default: %(default)s)")
+    parser.add_argument("--plms", action="store_true",
+                        help="use plms sampling: not supported for img2img, as in the original (an error)")
+    parser.add_argument("--fixed_code", action="store_true",
+                        help="if enabled, uses the same noise for the init image across iterations (the original "
+                             "accepted this flag but ignored it)")
+    parser.add_argument("--ddim_eta", type=non_negative_float, default=0.0,
+                        help="ddim eta (eta=0.0 corresponds to deterministic sampling) (default: %(default)s)")
+    parser.add_argument("--n_iter", type=positive_int, default=1, help="sample this often (default: %(default)s)")
+    parser.add_argument("--C", type=positive_int, default=4, help="latent channels (default: %(default)s)")
+    parser.add_argument("--f", type=positive_int, default=8, help="downsampling factor, most often 8 or 16 "
+                                                                  "(default: %(default)s)")
+    parser.add_argument("--n_samples", type=positive_int, default=2,
+                        help="how many samples to produce for each given prompt. A.k.a batch size "
+                             "(default: %(default)s)")
+    parser.add_argument("--n_rows", type=non_negative_int, default=0,
+                        help="images per row of the grid (default: n_samples)")
+    parser.add_argument("--scale", type=float, default=5.0,
+                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - "
+                             "eps(x, empty)) (default: %(default)s)")
+    parser.add_argument("--strength", type=unit_float, default=0.75,
+                        help="strength for noising/unnoising. 1.0 corresponds to full destruction of information "
+                             "in init image (default: %(default)s)")
+    parser.add_argument("--from-file", type=str, default=None,
+                        help="if specified, load prompts from this file, one per line, in batches of n_samples")
+    parser.add_argument("--config", type=str, default=None,
+                        help=f"path to config which constructs model (default: {SD_CONFIG})")
+    parser.add_argument("--ckpt", type=str, default=None,
+                        help=f"path to checkpoint of model, .ckpt or .safetensors (default: {SD_CKPT})")
+    parser.add_argument("--seed", type=seed_int, default=42,
+                        help="the seed (for reproducible sampling) (default: %(default)s)")
+    parser.add_argument("--precision", type=str, choices=("full", "autocast", "bf16", "fp16"), default="autocast",
+                        help="evaluate at this precision: autocast = fp16 autocast on CUDA and fp32 elsewhere; "
+                             "full = fp32; bf16 = bfloat16 autocast (CUDA, CPU); fp16 = fp16 autocast (CUDA) "
+                             "(default: %(default)s)")
+    add_common_arguments(parser)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parsed and checked arguments."""
+    opt = build_parser().parse_args(argv)
+    resolve_model_paths(opt, DEFAULT_OUTDIR)
+    opt.sampler = resolve_sampler(opt)
+    if opt.sampler != "ddim":
+        raise UserInputError(f"img2img supports only the DDIM sampler (as the original), not {opt.sampler}")
+    if not opt.init_img:
+        raise UserInputError("give the image to start from with --init-img PATH")
+    check_common_arguments(opt)
+    return opt
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    opt = parse_args(argv)
+    configure_logging()
+    batches = read_prompt_batches(opt.prompt, opt.from_file, opt.n_samples)
+    check_writable_dir(opt.outdir)
+    check_checkpoint_exists(opt)
+
+    from ldm.cli.images import fit_to_multiple, open_init_image
+
+    init_image = open_init_image(opt.init_img)
+
+    import torch
+    from tqdm.auto import tqdm, trange
+
+    from ldm.cli.images import image_to_tensor, to_unit_images
+    from ldm.cli.runtime import load_checked_config
+    from ldm.cli.session import open_session
+
+    config, geometry = load_checked_config(opt)
+    init_image, note = fit_to_multiple(init_image, geometry.size_multiple)
+    if note:
+        print(note, flush=True)
+    width, height = init_image.size
+    session = open_session(opt, config)
+    model, sampler, writer, device = session.model, session.sampler, session.writer, session.device
+    sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
+    t_enc = int(opt.strength * opt.ddim_steps)
+    # strength 1.0 gives t_enc = ddim_steps, one past the schedule (the original crashed there): noise to its top.
+    encode_index = min(t_enc, len(sampler.ddim_timesteps) - 1)
+    print(f"target t_enc is {t_enc} steps", flush=True)
+    init_pixels = image_to_tensor(init_image).to(device)
+    multi_batch = len(batches) > 1
+
+    def encode(batch_size: int) -> torch.Tensor:
+        return model.get_first_stage_encoding(model.encode_first_stage(init_pixels.repeat(batch_size, 1, 1, 1)))
+
+    def render(prompts: list[str], init_latent: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        with session.precision():
+            uc = None
+            if opt.scale != 1.0:
+                uc = model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
+            c = model.get_learned_conditioning(prompts)
+            t = torch.tensor([encode_index] * len(prompts), device=device)
+            z_enc = sampler.stochastic_encode(init_latent[:len(prompts)], t, noise=noise)
+            samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
+                                     unconditional_conditioning=uc)
+            return to_unit_images(model.decode_first_stage(samples))
+
+    # As in the original: seed, sample the init image's latent once, then draw the noise per batch.
+    seed_everything(opt.seed)
+    init_latent = fixed_noise = None
+    if not opt.seed_per_sample:
+        with torch.no_grad():
+            init_latent = encode(opt.n_samples)
+        if opt.fixed_code:
+            fixed_noise = torch.randn(init_latent.shape, device=device, dtype=init_latent.dtype)
+
+    sample_index = 0
+    try:
+        with torch.no_grad(), model.ema_scope():
+            for n in trange(opt.n_iter, desc="Sampling"):
+                for b, prompts in enumerate(tqdm(batches, desc="data")):
+                    position = {"Denoising strength": opt.strength, "Iteration": n,
+                                "Prompt batch": b if multi_batch else None}
+                    if opt.seed_per_sample:
+                        for prompt in prompts:
+                            seed = (opt.seed + sample_index) % 2 ** 32
+                            seed_everything(seed)
+                            writer.add(render([prompt], encode(1), None), [prompt],
+                                       [session.fields(seed, (width, height), **position)])
+                            sample_index += 1
+                        continue
+                    noise = None if fixed_noise is None else fixed_noise[:len(prompts)]
+                    images = render(prompts, init_latent, noise)
+                    fields = [session.fields(opt.seed, (width, height), **{"Batch size": len(prompts),
+                                                                           "Batch pos": j, **position,
+                                                                           "Fixed code": opt.fixed_code or None})
+                              for j in range(len(prompts))]
+                    writer.add(images, prompts, fields)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(writer.saved)} images saved in {writer.sample_dir}", flush=True)
+        raise
+    grid = writer.finish()
+    print(writer.summary(grid))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
