@@ -95,6 +95,7 @@ class SafetyChecker:
 
             self.extractor = CLIPImageProcessor.from_pretrained(self.directory)
             self.checker = StableDiffusionSafetyChecker.from_pretrained(self.directory).to(device).eval()
+            logging.getLogger(StableDiffusionSafetyChecker.__module__).setLevel(logging.ERROR)  # we report flags
             self.device = device
         except Exception as error:  # a broken or foreign directory: report it like missing weights
             self._unavailable(f"cannot read {self.directory} ({_first_line(error)})")
