@@ -244,3 +244,23 @@ def test_original_flags_and_defaults():
     img = _load_script("img2img.py").parse_args(["--init-img", "x.png"])
     assert (img.outdir, img.scale, img.strength, img.n_iter, img.n_samples, img.ddim_steps) == (
         "outputs/img2img-samples", 5.0, 0.75, 1, 2, 50)
+
+
+def _has_attach_embeddings() -> bool:
+    try:
+        from ldm.modules.embedding_manager import attach_embeddings  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_attach_embeddings(), reason="ldm.modules.embedding_manager.attach_embeddings "
+                                                          "(textual inversion) has not landed yet")
+def test_embedding_path_loads_a_textual_inversion_embedding(tmp, ckpt):
+    embedding, outdir = tmp / "star.pt", tmp / "embedding"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, 32)}}, embedding)
+    run = run_script("txt2img.py", *FAST, "--ckpt", ckpt, "--outdir", outdir, "--n_samples", "1", "--n_iter", "1",
+                     "--prompt", "a photo of *", "--embedding_path", embedding, "--no_safety_checker", tmp=tmp)
+    assert run.returncode == 0, run.stderr
+    assert "*" in run.stderr
+    assert parse_infotext(parameters(outdir / "samples" / "00000.png"))[2]["Embeddings"] == "star.pt"
