@@ -264,3 +264,8 @@ def test_embedding_path_loads_a_textual_inversion_embedding(tmp, ckpt):
     assert run.returncode == 0, run.stderr
     assert "*" in run.stderr
     assert parse_infotext(parameters(outdir / "samples" / "00000.png"))[2]["Embeddings"] == "star.pt"
+
+
+def test_stable_txt2img_is_txt2img(tmp):
+    run = run_script("stable_txt2img.py", "--help", tmp=tmp)
+    assert run.returncode == 0 and "--embedding_path" in run.stdout and "--laion400m" in run.stdout
