@@ -3,6 +3,7 @@ PNG parameters, seeds, samplers, --from-file, --fixed_code, --demo, the watermar
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import signal
 import subprocess
@@ -248,10 +249,10 @@ def test_original_flags_and_defaults():
 
 def _has_attach_embeddings() -> bool:
     try:
-        from ldm.modules.embedding_manager import attach_embeddings  # noqa: F401
+        module = importlib.import_module("ldm.modules.embedding_manager")
     except ImportError:
         return False
-    return True
+    return hasattr(module, "attach_embeddings")
 
 
 @pytest.mark.skipif(not _has_attach_embeddings(), reason="ldm.modules.embedding_manager.attach_embeddings "
