@@ -65,6 +65,16 @@ def test_latent_diffusion_training_leaves_the_log_layout(tmp_path):
     assert not list(run.rglob(".tmp-*")), "no temporary files are left behind"
     assert f"run saved in {os.path.join('logs', run.name)}" in result.stdout
 
+    project_config = next((run / "configs").glob("*-project.yaml"))
+    render = subprocess.run(
+        [sys.executable, str(REPO_DIR / "scripts" / "txt2img.py"), "--config", str(project_config),
+         "--ckpt", str(run / "checkpoints" / "last.ckpt"), "--prompt", "a red circle on a blue background",
+         "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1",
+         "--outdir", str(tmp_path / "out"), "--no_safety_checker"],
+        cwd=tmp_path, env=dict(main_env(), HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=240)
+    assert render.returncode == 0, render.stderr[-3000:]
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1
+
 
 def test_autoencoder_training_with_discriminator(tmp_path):
     result = run_main(["--base", TINY_AE, "-t", "-n", "ae"], tmp_path)
