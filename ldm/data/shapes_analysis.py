@@ -1,14 +1,16 @@
 """Read back what a shape image shows, with simple image analysis: background colour from the
-border, foreground colour from the pixels that differ from it, and the shape from two
-measures of its mask (fill of the bounding box, and solidity = area / convex-hull area)."""
+border, foreground colour from the pixels that differ from it, and the shape by matching its mask
+against the four upright shape templates of the same area and centre."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image
+import math
 
-from ldm.data.shapes import COLORS
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ldm.data.shapes import COLORS, shape_polygon
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)
@@ -27,43 +29,41 @@ def nearest_color(rgb: np.ndarray) -> str:
     return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb[None]) ** 2).sum(axis=1)))]
 
 
-def convex_hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of 2-D points (Andrew's monotone chain, then the shoelace formula)."""
-    pts = sorted(set(map(tuple, points.tolist())))
-    if len(pts) < 3:
-        return 0.0
+# Area of each shape as drawn by `ldm.data.shapes.render`, per squared circumradius.
+AREA_PER_SQUARED_RADIUS = {
+    "circle": math.pi * 0.85 ** 2,
+    "square": 2.0,
+    "triangle": 3.0 * math.sqrt(3.0) / 4.0,
+    "star": 10 * 0.5 * 0.42 * math.sin(math.pi / 5),
+}
+TEMPLATE_SUPERSAMPLING = 4
 
-    def half(sequence):
-        hull: list = []
-        for p in sequence:
-            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
-                                      - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
-                hull.pop()
-            hull.append(p)
-        return hull
 
-    hull = np.array(half(pts)[:-1] + half(pts[::-1])[:-1], dtype=np.float64)
-    x, y = hull[:, 0], hull[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+def shape_template(shape: str, cx: float, cy: float, radius: float, height: int, width: int) -> np.ndarray:
+    """Boolean mask of `shape` drawn as the generator draws it, centred at pixel (cx, cy)."""
+    scale = TEMPLATE_SUPERSAMPLING
+    canvas = Image.new("L", (width * scale, height * scale), 0)
+    draw = ImageDraw.Draw(canvas)
+    x, y, r = (cx + 0.5) * scale, (cy + 0.5) * scale, radius * scale
+    if shape == "circle":
+        draw.ellipse([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=255)
+    else:
+        draw.polygon(shape_polygon(shape, x, y, r), fill=255)
+    return np.asarray(canvas.resize((width, height), Image.Resampling.BOX)) >= 128
 
 
 def classify_mask(mask: np.ndarray) -> str | None:
-    """circle, square, triangle or star from a boolean foreground mask."""
+    """circle, square, triangle or star: the upright template of the mask's area and centroid that
+    overlaps it best (intersection over union). Every shape's centroid is its centre."""
     ys, xs = np.nonzero(mask)
     if len(xs) < 12:
         return None
-    area = float(len(xs))
-    box = float((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
-    solidity = area / max(convex_hull_area(corners), 1.0)
-    fill = area / box
-    if solidity < 0.8:
-        return "star"
-    if fill > 0.88:
-        return "square"
-    if fill > 0.66:
-        return "circle"
-    return "triangle"
+    area, cy, cx = float(len(xs)), float(ys.mean()), float(xs.mean())
+    overlaps = {}
+    for shape, area_factor in AREA_PER_SQUARED_RADIUS.items():
+        template = shape_template(shape, cx, cy, math.sqrt(area / area_factor), *mask.shape)
+        overlaps[shape] = (template & mask).sum() / max((template | mask).sum(), 1)
+    return max(overlaps, key=overlaps.get)
 
 
 def read_image(image: Image.Image | np.ndarray) -> Reading:
