@@ -131,7 +131,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("beyond the original scripts")
     group.add_argument("--demo", action="store_true",
                        help="use the small demo model that ships in models/demo (config.yaml, model.safetensors) "
-                            "instead of Stable Diffusion; --f, --C and the default --H/--W come from its config")
+                            "instead of Stable Diffusion; --f, --C and the default --H/--W come from its config; it draws "
+                            "coloured shapes, so the safety checker is skipped unless --require_safety_checker")
     group.add_argument("--dpm_solver", action="store_true", help="use the DPM-Solver++(2M) sampler (good at 15-25 steps)")
     group.add_argument("--sampler", choices=SAMPLERS, default=None,
                        help="sampler by name; the same as --plms / --dpm_solver, default ddim")

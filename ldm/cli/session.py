@@ -63,7 +63,9 @@ def open_session(opt: argparse.Namespace, config: DictConfig) -> Session:
     Every check that can fail on user input runs before anything is written.
     """
     safety = None
-    if not opt.no_safety_checker:
+    if opt.demo and not opt.require_safety_checker:
+        logger.info("the demo model draws coloured shapes: the safety checker is not loaded for it")
+    elif not opt.no_safety_checker:
         safety = SafetyChecker(opt.safety_checker, required=opt.require_safety_checker)
         safety.resolve()
     checkpoint_hash = BackgroundHash(opt.ckpt)

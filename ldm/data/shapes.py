@@ -89,7 +89,7 @@ def random_spec(rng: np.random.Generator, shapes: Sequence[str] = SHAPES, colors
         if (color, shape) not in excluded:
             break
     background = str(rng.choice([c for c in COLORS if c != color]))
-    radius = float(rng.uniform(13.0, 24.0))
+    radius = float(rng.uniform(16.0, 26.0))
     margin = radius + 2.0
     cx, cy = (float(v) for v in rng.uniform(margin, 64.0 - margin, size=2))
     return ShapeSpec(shape, color, background, cx, cy, radius)

@@ -1,16 +1,14 @@
 """Read back what a shape image shows, with simple image analysis: background colour from the
-border, foreground colour from the pixels that differ from it, and the shape by matching its mask
-against the four upright shape templates of the same area and centre."""
+border, foreground colour from the pixels that differ from it, and the shape from the harmonics of
+its outline (a triangle's radius varies three times around it, a square's four, a star's five)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import math
-
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from ldm.data.shapes import COLORS, shape_polygon
+from ldm.data.shapes import COLORS
 
 _PALETTE_NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[name] for name in _PALETTE_NAMES], dtype=np.float32)
@@ -29,41 +27,39 @@ def nearest_color(rgb: np.ndarray) -> str:
     return _PALETTE_NAMES[int(np.argmin(((_PALETTE - rgb[None]) ** 2).sum(axis=1)))]
 
 
-# Area of each shape as drawn by `ldm.data.shapes.render`, per squared circumradius.
-AREA_PER_SQUARED_RADIUS = {
-    "circle": math.pi * 0.85 ** 2,
-    "square": 2.0,
-    "triangle": 3.0 * math.sqrt(3.0) / 4.0,
-    "star": 10 * 0.5 * 0.42 * math.sin(math.pi / 5),
-}
-TEMPLATE_SUPERSAMPLING = 4
+# Shapes by the harmonic that dominates their outline's radius-versus-angle profile, and the amplitude
+# (relative to the mean radius) from which that harmonic counts; below all of them the outline is a circle.
+HARMONIC_SHAPES = {3: "triangle", 4: "square", 5: "star"}
+HARMONIC_LEVELS = {3: 0.04, 4: 0.03, 5: 0.03}
+ANGLE_BINS = 90
 
 
-def shape_template(shape: str, cx: float, cy: float, radius: float, height: int, width: int) -> np.ndarray:
-    """Boolean mask of `shape` drawn as the generator draws it, centred at pixel (cx, cy)."""
-    scale = TEMPLATE_SUPERSAMPLING
-    canvas = Image.new("L", (width * scale, height * scale), 0)
-    draw = ImageDraw.Draw(canvas)
-    x, y, r = (cx + 0.5) * scale, (cy + 0.5) * scale, radius * scale
-    if shape == "circle":
-        draw.ellipse([x - 0.85 * r, y - 0.85 * r, x + 0.85 * r, y + 0.85 * r], fill=255)
-    else:
-        draw.polygon(shape_polygon(shape, x, y, r), fill=255)
-    return np.asarray(canvas.resize((width, height), Image.Resampling.BOX)) >= 128
+def radial_profile(mask: np.ndarray, bins: int = ANGLE_BINS) -> np.ndarray:
+    """Distance from the mask's centroid to its outline in `bins` directions (the farthest edge pixel)."""
+    ys, xs = np.nonzero(mask)
+    cy, cx = ys.mean(), xs.mean()
+    padded = np.pad(mask, 1)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    edge_y, edge_x = np.nonzero(mask & ~interior)
+    angles = np.arctan2(edge_y - cy, edge_x - cx)
+    direction = ((angles + np.pi) / (2 * np.pi) * bins).astype(int) % bins
+    profile = np.zeros(bins)
+    np.maximum.at(profile, direction, np.hypot(edge_y - cy, edge_x - cx) + 0.5)
+    seen = profile > 0
+    grid = np.arange(bins)
+    return np.interp(grid, grid[seen], profile[seen], period=bins)
 
 
 def classify_mask(mask: np.ndarray) -> str | None:
-    """circle, square, triangle or star: the upright template of the mask's area and centroid that
-    overlaps it best (intersection over union). Every shape's centroid is its centre."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) < 12:
+    """circle, square, triangle or star from a boolean foreground mask, by the strongest of the 3rd,
+    4th and 5th harmonics of its outline (robust to the soft edges of generated images)."""
+    if mask.sum() < 12:
         return None
-    area, cy, cx = float(len(xs)), float(ys.mean()), float(xs.mean())
-    overlaps = {}
-    for shape, area_factor in AREA_PER_SQUARED_RADIUS.items():
-        template = shape_template(shape, cx, cy, math.sqrt(area / area_factor), *mask.shape)
-        overlaps[shape] = (template & mask).sum() / max((template | mask).sum(), 1)
-    return max(overlaps, key=overlaps.get)
+    profile = radial_profile(mask)
+    spectrum = np.abs(np.fft.rfft(profile)) / (len(profile) * profile.mean())
+    scores = {k: spectrum[k] / level for k, level in HARMONIC_LEVELS.items()}
+    strongest = max(scores, key=scores.get)
+    return HARMONIC_SHAPES[strongest] if scores[strongest] >= 1.0 else "circle"
 
 
 def read_image(image: Image.Image | np.ndarray) -> Reading:
