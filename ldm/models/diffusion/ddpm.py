@@ -298,7 +298,9 @@ class LatentDiffusion(DDPM):
                  num_timesteps_cond: Optional[int] = None, cond_stage_key: str = "image",
                  cond_stage_trainable: bool = False, concat_mode: bool = True,
                  cond_stage_forward: Optional[str] = None, conditioning_key: Optional[str] = None,
-                 scale_factor: float = 1.0, scale_by_std: bool = False, *args, **kwargs):
+                 scale_factor: float = 1.0, scale_by_std: bool = False,
+                 personalization_config: Optional[Mapping[str, Any]] = None, embedding_reg_weight: float = 0.0,
+                 unfreeze_model: bool = False, model_lr: float = 0.0, *args, **kwargs):
         self.num_timesteps_cond = default(num_timesteps_cond, 1)
         if self.num_timesteps_cond != 1:
             raise ValueError("num_timesteps_cond other than 1 (a shortened conditioning schedule) is not supported")
@@ -329,6 +331,31 @@ class LatentDiffusion(DDPM):
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys)
             self.restarted_from_ckpt = True
+        self.embedding_reg_weight = embedding_reg_weight
+        self.unfreeze_model = unfreeze_model
+        self.model_lr = model_lr
+        self.embedding_manager: Optional[nn.Module] = None
+        if personalization_config is not None:
+            self.instantiate_embedding_manager(personalization_config)
+
+    def instantiate_embedding_manager(self, config: Mapping[str, Any]) -> None:
+        """Textual inversion (Gal et al. 2022): freeze the UNet and the text encoder (unless `unfreeze_model`)
+        and build the embedding manager over the text encoder, as the original LatentDiffusion."""
+        if not self.unfreeze_model:
+            for module in (self.model, self.cond_stage_model):
+                module.eval()
+                module.train = partial(disabled_train, module)
+                for param in module.parameters():
+                    param.requires_grad = False
+        if not self.cond_stage_trainable:
+            logger.warning("personalization_config without cond_stage_trainable: true: prompts are encoded without "
+                           "gradients, so the embedding cannot learn")
+        params = dict(config.get("params") or {})
+        embedding_manager_ckpt = params.pop("embedding_manager_ckpt", None)
+        self.embedding_manager = instantiate_from_config(
+            {"target": config["target"], "params": {**params, "embedder": self.cond_stage_model}})
+        if embedding_manager_ckpt:
+            self.embedding_manager.load(embedding_manager_ckpt)
 
     def instantiate_first_stage(self, config: Mapping[str, Any]) -> None:
         model = instantiate_from_config(config)
@@ -355,6 +382,8 @@ class LatentDiffusion(DDPM):
         """Encode conditioning (prompts for Stable Diffusion) into the UNet's context [B, 77, 768]."""
         if self.cond_stage_forward is not None:
             return getattr(self.cond_stage_model, self.cond_stage_forward)(c, **kwargs)
+        if self.embedding_manager is not None:
+            kwargs.setdefault("embedding_manager", self.embedding_manager)
         if hasattr(self.cond_stage_model, "encode") and callable(self.cond_stage_model.encode):
             c = self.cond_stage_model.encode(c, **kwargs)
             return c.mode() if isinstance(c, DiagonalGaussianDistribution) else c
@@ -455,6 +484,10 @@ class LatentDiffusion(DDPM):
         loss_vlb = (self.lvlb_weights[t] * loss_vlb).mean()
         loss_dict[f"{prefix}/loss_vlb"] = loss_vlb
         loss = loss + self.original_elbo_weight * loss_vlb
+        if self.embedding_reg_weight > 0:
+            loss_embedding_reg = self.embedding_manager.embedding_to_coarse_loss().mean()
+            loss_dict[f"{prefix}/loss_emb_reg"] = loss_embedding_reg
+            loss = loss + self.embedding_reg_weight * loss_embedding_reg
         loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
@@ -470,17 +503,30 @@ class LatentDiffusion(DDPM):
             logger.info("setting scale_factor to %.5f", self.scale_factor.item())
 
     def configure_optimizers(self):
-        params = list(self.model.parameters())
-        if self.cond_stage_trainable:
-            params += list(self.cond_stage_model.parameters())
-        if self.learn_logvar:
-            params.append(self.logvar)
-        optimizer = torch.optim.AdamW(params, lr=self.learning_rate)
+        if self.embedding_manager is not None:
+            optimizer = self._embedding_optimizer()
+        else:
+            params = list(self.model.parameters())
+            if self.cond_stage_trainable:
+                params += list(self.cond_stage_model.parameters())
+            if self.learn_logvar:
+                params.append(self.logvar)
+            optimizer = torch.optim.AdamW(params, lr=self.learning_rate)
         if not self.use_scheduler:
             return optimizer
         schedule = instantiate_from_config(self.scheduler_config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=schedule.schedule)
         return [optimizer], [{"scheduler": scheduler, "interval": "step", "frequency": 1}]
+
+    def _embedding_optimizer(self) -> torch.optim.Optimizer:
+        """Textual inversion: only the placeholder vectors learn; with `unfreeze_model` the UNet and the text
+        encoder learn too, at `model_lr`."""
+        embedding_params = list(self.embedding_manager.embedding_parameters())
+        if not self.unfreeze_model:
+            return torch.optim.AdamW(embedding_params, lr=self.learning_rate)
+        model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
+        return torch.optim.AdamW([{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params}],
+                                 lr=self.model_lr)
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,

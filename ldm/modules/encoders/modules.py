@@ -121,3 +121,7 @@ class FrozenCLIPEmbedder(AbstractEncoder):
 
     def encode(self, text: str | Sequence[str], **kwargs) -> torch.Tensor:
         return self(text, **kwargs)
+
+
+# The LDM text2img-large encoder, at the module path of the original configs.
+from ldm.modules.encoders.bert import BERTEmbedder, BERTTokenizer, TransformerEmbedder  # noqa: E402,F401
