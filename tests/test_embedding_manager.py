@@ -4,6 +4,7 @@ attach_embeddings' errors."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from ldm.errors import UserInputError
 from ldm.modules.embedding_manager import (PROGRESSIVE_SCALE, EmbeddingManager, attach_embeddings,
                                            read_embedding_file)
 from ldm.util import instantiate_from_config
-from tests.model_factory import random_tiny_model, tiny_config
+from tests.model_factory import REPO_DIR, random_tiny_model, tiny_config
 
 WIDTH = 32  # the tiny CLIP's width
 
@@ -264,3 +265,42 @@ def test_attach_bad_files(tmp_path, kind, message):
 def test_bad_placeholders_and_initializer_words(model, params, message):
     with pytest.raises(UserInputError, match=message):
         EmbeddingManager(model.cond_stage_model, **{"placeholder_strings": ["*"], **params})
+
+
+def merge_script():
+    spec = importlib.util.spec_from_file_location("merge_embeddings", REPO_DIR / "scripts" / "merge_embeddings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.mark.parametrize("rename, placeholders", [([], None), (["&"], ["*", "@", "&"]), (["two words"], None),
+                                                  (["&", "%"], None)])
+def test_merge_embeddings(tmp_path, capsys, rename, placeholders):
+    vectors = {name: torch.randn(n, WIDTH) for name, n in (("a", 1), ("b", 2), ("c", 1))}
+    torch.save({"string_to_param": {"*": vectors["a"]}}, tmp_path / "a.pt")
+    torch.save({"string_to_param": {"@": vectors["b"]}}, tmp_path / "b.pt")
+    torch.save({"string_to_param": {"*": vectors["c"]}}, tmp_path / "c.pt")
+    args = ["--manager_ckpts", *(str(tmp_path / f"{n}.pt") for n in "abc"), "--output_path",
+            str(tmp_path / "merged.pt"), "-sd"]
+    code = merge_script()(args + (["--rename", *rename] if rename else []))
+    if placeholders is None:
+        assert code == 2 and not (tmp_path / "merged.pt").exists()
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith("merge_embeddings.py: error:")
+        return
+    assert code == 0
+    merged = torch.load(tmp_path / "merged.pt", weights_only=True)
+    assert list(merged["string_to_param"]) == placeholders
+    assert int(merged["string_to_token"]["*"]) == 265
+    torch.testing.assert_close(merged["string_to_param"]["&"], vectors["c"])
+    model = random_tiny_model(config=tiny_config())
+    assert attach_embeddings(model, [str(tmp_path / "merged.pt")]) == placeholders
+
+
+def test_merge_without_conflicts(tmp_path):
+    torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}}, tmp_path / "a.pt")
+    torch.save({"string_to_param": {"@": torch.randn(1, WIDTH)}}, tmp_path / "b.pt")
+    assert merge_script()(["--manager_ckpts", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--output_path",
+                           str(tmp_path / "m.pt"), "-sd"]) == 0
+    assert list(read_embedding_file(tmp_path / "m.pt")) == ["*", "@"]
