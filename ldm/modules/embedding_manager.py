@@ -42,8 +42,9 @@ def single_token(padded_ids: PaddedIds, string: str, unk_token_id: Optional[int]
     """The one token `string` maps to; `UserInputError` if it maps to several or to none."""
     tokens = content_token_ids(padded_ids, string)
     if len(tokens) != 1 or tokens[0] == unk_token_id:
-        raise UserInputError(f"placeholder {string!r} is {len(tokens)} tokens for this text encoder, not one; "
-                             "use a string that is a single token, such as '*'")
+        problem = "unknown to the tokenizer" if tokens == [unk_token_id] else f"{len(tokens)} tokens, not one"
+        raise UserInputError(f"placeholder {string!r} is {problem} for this text encoder; use a string that is a "
+                             "single token, such as '*'")
     return tokens[0]
 
 
