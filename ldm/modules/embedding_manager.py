@@ -67,7 +67,7 @@ class EmbeddingManager(nn.Module):
             logger.warning("EmbeddingManager ignores the unsupported options %s", sorted(kwargs))
         if num_vectors_per_token < 1:
             raise UserInputError(f"num_vectors_per_token must be at least 1, got {num_vectors_per_token}")
-        if not hasattr(embedder, "tokenize"):
+        if not hasattr(embedder, "token_ids"):
             raise UserInputError(f"{type(embedder).__name__} has no tokenizer; textual inversion needs a text encoder")
         object.__setattr__(self, "embedder", embedder)
         self.string_to_token_dict: dict[str, int] = {}
@@ -100,7 +100,7 @@ class EmbeddingManager(nn.Module):
         return self.token_embedding.embedding_dim
 
     def _padded_ids(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.embedder.tokenize(list(texts)).tolist()
+        return self.embedder.token_ids(list(texts))
 
     def token_for_string(self, string: str) -> int:
         return single_token(self._padded_ids, string, getattr(self.embedder, "unk_token_id", None))
@@ -120,7 +120,7 @@ class EmbeddingManager(nn.Module):
             vectors = vectors + self.embedder.transformer.text_model.embeddings.position_embedding.weight[0].float()
         if len(tokens) != rows:
             vectors = vectors.mean(0, keepdim=True).repeat(rows, 1)
-        return vectors.cpu()
+        return vectors
 
     @torch.no_grad()
     def initialize_from_embedder(self) -> None:

@@ -245,6 +245,10 @@ class BERTEmbedder(nn.Module):
         """The id of [UNK], for words the vocabulary cannot encode."""
         return self.tknz_fn.unk_token_id
 
+    def token_ids(self, text: str | Sequence[str]) -> list[list[int]]:
+        """Padded token ids as lists (no tensor, no device)."""
+        return self.tknz_fn.token_ids(text)
+
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
         """Token ids [B, max_length] on the weights' device."""
         return self.tknz_fn(text).to(self.device)

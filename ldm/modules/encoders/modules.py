@@ -110,11 +110,13 @@ class FrozenCLIPEmbedder(AbstractEncoder):
     def device(self) -> torch.device:
         return self.transformer.text_model.embeddings.token_embedding.weight.device
 
+    def token_ids(self, text: str | Sequence[str]) -> list[list[int]]:
+        """Token ids as lists (no tensor, no device): start, BPE ids, end, padded with the end token."""
+        return self.tokenizer([text] if isinstance(text, str) else list(text), self.max_length)
+
     def tokenize(self, text: str | Sequence[str]) -> torch.Tensor:
-        """Token ids [B, max_length]: start, BPE ids, end, padded with the end token."""
-        if isinstance(text, str):
-            text = [text]
-        return torch.tensor(self.tokenizer(list(text), self.max_length), dtype=torch.long, device=self.device)
+        """Token ids [B, max_length] on the weights' device."""
+        return torch.tensor(self.token_ids(text), dtype=torch.long, device=self.device)
 
     def forward(self, text: str | Sequence[str], embedding_manager: Optional[Callable] = None) -> torch.Tensor:
         return self.transformer(self.tokenize(text), embedding_manager=embedding_manager)
