@@ -12,6 +12,7 @@ found here too.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import shutil
@@ -103,6 +104,10 @@ def get_parser() -> argparse.ArgumentParser:
 
 def apply_textual_inversion_options(opt: argparse.Namespace, config: Any) -> None:
     """Write --init_word, --placeholder_string and --data_root into the config (as the original main.py)."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import get_obj_from_str
+
     wanted = opt.init_word or opt.placeholder_string or opt.embedding_manager_ckpt
     personalization = config.model.get("params", {}).get("personalization_config")
     if wanted and personalization is None:
@@ -112,6 +117,10 @@ def apply_textual_inversion_options(opt: argparse.Namespace, config: Any) -> Non
         personalization.params.initializer_words = [opt.init_word]
     if opt.placeholder_string:
         personalization.params.placeholder_strings = [opt.placeholder_string]
+        for split in ("train", "validation", "test"):
+            dataset = OmegaConf.select(config, f"data.params.{split}")
+            if dataset is not None and "placeholder_token" in inspect.signature(get_obj_from_str(dataset.target)).parameters:
+                dataset.setdefault("params", {})["placeholder_token"] = opt.placeholder_string
     if opt.data_root:
         if not os.path.isdir(opt.data_root):
             raise UserInputError(f"--data_root {opt.data_root} is not a folder; give the folder of the concept's images")

@@ -77,7 +77,7 @@ def fixed_loss(model, images: Path) -> float:
 
 def test_training_learns_only_the_embedding_and_lowers_the_loss(trained):
     tmp, ckpts = trained
-    assert {p.name for p in ckpts.glob("embeddings*.pt")} >= {"embeddings.pt", "embeddings_gs-10.pt"}
+    assert {p.name for p in ckpts.glob("embeddings*.pt")} >= {"embeddings.pt", "embeddings_gs-5.pt", "embeddings_gs-10.pt"}
     state = torch.load(ckpts / "last.ckpt", weights_only=True)["state_dict"]
     assert state and all(key.startswith("embedding_manager.") for key in state)
     learned = read_embedding_file(ckpts / "embeddings.pt")
@@ -122,7 +122,7 @@ def test_several_vectors_from_a_multi_token_word_keep_the_model_bit_identical(tm
     torch.save({"state_dict": init}, tmp_path / "init.ckpt")
     images = make_images(tmp_path / "images")
     result = run_main(tmp_path, "-n", "multi", "--data_root", str(images), "--init_word", "teddy bear",
-                      "--placeholder_string", "@", "data.params.train.params.placeholder_token='@'",
+                      "--placeholder_string", "@",
                       "model.params.ckpt_path=init.ckpt",
                       "model.params.personalization_config.params.num_vectors_per_token=2",
                       "lightning.trainer.max_steps=3")
