@@ -114,7 +114,7 @@ def test_loss_goes_down_when_overfitting_a_fixed_batch():
 @pytest.mark.slow
 def test_run_killed_mid_way_resumes_where_its_last_checkpoint_stopped(tmp_path):
     args = ["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "killed", "lightning.trainer.max_steps=400",
-            "lightning.modelcheckpoint.params.every_n_train_steps=5", "lightning.trainer.val_check_interval=1000",
+            "lightning.modelcheckpoint.params.every_n_train_steps=5", "lightning.trainer.limit_val_batches=0",
             "lightning.callbacks.image_logger.params.batch_frequency=1000"]
     process = subprocess.Popen([sys.executable, MAIN, *args], cwd=tmp_path, env=main_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

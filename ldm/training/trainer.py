@@ -35,19 +35,26 @@ def checkpoint_callback(model: Any, paths: RunPaths, lightning_config: DictConfi
     return pl.callbacks.ModelCheckpoint(**params)
 
 
-class SaveOnException(pl.Callback):
-    """On an exception or Ctrl-C during training, save `last.ckpt` so that `-r` can go on (the original's `melk`)."""
+class LastCheckpoint(pl.Callback):
+    """`last.ckpt` at the end of training, and on an exception or Ctrl-C (the original's `melk`), so that
+    `-r` goes on from exactly where the run stopped."""
 
     def __init__(self, ckptdir: str):
         super().__init__()
         self.ckptdir = ckptdir
 
+    @property
+    def path(self) -> str:
+        return os.path.join(self.ckptdir, "last.ckpt")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.save_checkpoint(self.path, weights_only=False)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.global_step == 0 or isinstance(exception, UserInputError):
             return
-        path = os.path.join(self.ckptdir, "last.ckpt")
-        logger.warning("training stopped (%s): saving %s", type(exception).__name__, path)
-        trainer.save_checkpoint(path)
+        logger.warning("training stopped (%s): saving %s", type(exception).__name__, self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
 
 
 def build_callbacks(model: Any, paths: RunPaths, config: DictConfig, lightning_config: DictConfig,
@@ -60,7 +67,7 @@ def build_callbacks(model: Any, paths: RunPaths, config: DictConfig, lightning_c
         lightning_config.get("callbacks", {}))
     callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir, config, lightning_config),
                  checkpoint_callback(model, paths, lightning_config, has_validation),
-                 SaveOnException(paths.ckptdir)]
+                 LastCheckpoint(paths.ckptdir)]
     callbacks += [instantiate_from_config(callbacks_config[name]) for name in callbacks_config]
     if getattr(model, "embedding_manager", None) is not None:
         callbacks.append(EmbeddingCheckpoint(paths.ckptdir, trainable_only))
