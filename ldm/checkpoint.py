@@ -291,8 +291,10 @@ def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], devic
     The model is built without random initialisation and the checkpoint's tensors are assigned to it
     (memory-mapped where the format allows), so loading is fast and needs the weights' memory once.
     With `ckpt=None` the model is initialised normally. The model ends on `device`, in eval mode,
-    with floating weights in `dtype` (unchanged if None; the noise schedule stays float32).
+    with floating weights in `dtype` (float32 if None, as the original loads fp16 checkpoints; the noise
+    schedule stays float32).
     """
+    dtype = dtype or torch.float32
     section = model_config_section(config)
     if ckpt is None:
         model = instantiate_from_config(section)
@@ -305,8 +307,7 @@ def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], devic
         missing, unexpected = load_state_dict_into(model, checkpoint["state_dict"], dtype=dtype, assign=True)
         if verbose:
             logger.info("missing keys: %s; unexpected keys: %s", missing, unexpected)
-    if dtype is not None:
-        _cast_weights(model, dtype)
+    _cast_weights(model, dtype)
     model.to(device)
     if eval_mode:
         model.eval()

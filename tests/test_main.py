@@ -141,6 +141,7 @@ def test_run_killed_mid_way_resumes_where_its_last_checkpoint_stopped(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == target
+    assert not list((run / "checkpoints").glob("last-v*.ckpt")), "last.ckpt is overwritten in place"
     assert next(iter(resumed["optimizer_states"][0]["state"].values()))["step"].item() == target
     assert resumed["lr_schedulers"][0]["last_epoch"] == target
     assert resumed["state_dict"]["model_ema.num_updates"].item() == target

@@ -19,16 +19,17 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_callback(model: Any, paths: RunPaths, lightning_config: DictConfig, has_validation: bool) -> Any:
-    """The original's ModelCheckpoint: `last.ckpt` always; the best 3 by the model's `monitor` when there is
-    validation data; `lightning.modelcheckpoint.params` override. With `every_n_train_steps` and no explicit
-    monitor, every periodic checkpoint is kept (`epoch=...-step=....ckpt`), whether or not a validation
-    metric exists yet."""
-    params: dict[str, Any] = {"dirpath": paths.ckptdir, "filename": "{epoch:06}", "verbose": True, "save_last": True}
+    """The original's ModelCheckpoint: `last.ckpt` always (overwritten in place, also after a resume); the best
+    3 by the model's `monitor` when there is validation data; `lightning.modelcheckpoint.params` override.
+    With `every_n_train_steps` and no explicit monitor, every periodic checkpoint is kept, whether or not a
+    validation metric exists yet. Files are `epoch=NNNNNN-step=NNNNNNNNN.ckpt`."""
+    params: dict[str, Any] = {"dirpath": paths.ckptdir, "filename": "{epoch:06}-{step:09}", "verbose": True,
+                              "save_last": True, "enable_version_counter": False}
     overrides = OmegaConf.select(lightning_config, "modelcheckpoint.params", default=None)
     overrides = OmegaConf.to_container(overrides, resolve=True) if overrides is not None else {}
     monitor = getattr(model, "monitor", None)
     if overrides.get("every_n_train_steps") and "monitor" not in overrides:
-        params.update(filename="{epoch:06}-{step:09}", save_top_k=-1)
+        params.update(save_top_k=-1)
     elif monitor and has_validation:
         params.update(monitor=monitor, save_top_k=3)
     params.update(overrides)
