@@ -1,7 +1,8 @@
 """The text-conditioned transformer of the latent diffusion UNet (Rombach et al. 2022, sec. 3.3).
 
 Attention runs through `scaled_dot_product_attention`, which never materialises the
-[tokens x tokens] attention matrix when a fused kernel is available.
+[tokens x tokens] attention matrix when a fused kernel is available. Feature maps may be
+channels-last: then the pixels-as-tokens view is free (no copy) in both directions.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
+from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, Linear, checkpoint, emulated_bf16, zero_module
 
 
 def Normalize(in_channels: int) -> nn.GroupNorm:
@@ -24,7 +25,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -37,8 +38,8 @@ class FeedForward(nn.Module):
         super().__init__()
         inner_dim = int(dim * mult)
         dim_out = dim_out or dim
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner_dim, dim_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -49,7 +50,11 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     batch, _, inner = q.shape
     dim_head = inner // heads
     q, k, v = (t.unflatten(-1, (heads, dim_head)).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)
+    if emulated_bf16(q):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, -1, inner)
 
 
@@ -63,10 +68,10 @@ class CrossAttention(nn.Module):
         context_dim = context_dim or query_dim
         self.scale = dim_head ** -0.5
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -110,13 +115,13 @@ class SpatialTransformer(nn.Module):
         self.in_channels = in_channels
         inner_dim = n_heads * d_head
         self.norm = Normalize(in_channels)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
                                   checkpoint=use_checkpoint)
             for _ in range(depth)
         )
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.proj_out = zero_module(Conv2d(inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -125,5 +130,7 @@ class SpatialTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             x = block(x, context=context)
-        x = x.transpose(1, 2).unflatten(2, (h, w))
+        x = x.transpose(1, 2).unflatten(2, (h, w))  # a channels-last view
+        if not x_in.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()  # keep a contiguous network contiguous (mixed layouts make oneDNN copy weights)
         return self.proj_out(x) + x_in

@@ -61,6 +61,8 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        elif self.use_conv:
+            return self.conv.upsampled(x)
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -253,6 +255,8 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         h = x.to(weight_dtype) if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type) else x
+        # Channels-last all the way: convolutions need no layout reorders, attention no transposing copies.
+        h = h.contiguous(memory_format=torch.channels_last)
         if context is not None and context.dtype != h.dtype and not torch.is_autocast_enabled(x.device.type):
             context = context.to(h.dtype)
         skips = []
@@ -262,4 +266,4 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(dtype=x.dtype, memory_format=torch.contiguous_format)
