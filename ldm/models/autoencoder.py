@@ -40,6 +40,7 @@ class AutoencoderKL(nn.Module):
             self.monitor = monitor
         self.automatic_optimization = False
         self.learning_rate = 4.5e-6
+        self.decode_tile: Optional[tuple[int, int]] = None  # (tile size, overlap) in latent pixels; see enable_tiling
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys=list(ignore_keys))
 
@@ -58,8 +59,26 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussianDistribution(moments)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Image in [-1, 1] (approximately) from an unscaled latent."""
+        """Image in [-1, 1] (approximately) from an unscaled latent; tile by tile after `enable_tiling`."""
+        if self.decode_tile is not None:
+            from ldm.models.tiled_decode import tiled_decode
+
+            tile_size, overlap = self.decode_tile
+            return tiled_decode(self._decode, z, tile_size, overlap)
+        return self._decode(z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
+
+    def enable_tiling(self, tile_size: int = 64, overlap: int = 16) -> None:
+        """Decode latents larger than `tile_size` (latent pixels; 64 = 512 image pixels) in tiles that overlap by
+        `overlap` and are cross-faded, so a 1024x1024 or larger image needs the memory of a 512x512 decode."""
+        if not 0 < overlap < tile_size:
+            raise ValueError(f"the overlap ({overlap}) must be positive and smaller than the tile size ({tile_size})")
+        self.decode_tile = (tile_size, overlap)
+
+    def disable_tiling(self) -> None:
+        self.decode_tile = None
 
     def forward(self, input: torch.Tensor, sample_posterior: bool = True):
         posterior = self.encode(input)

@@ -1,0 +1,49 @@
+"""scripts/benchmark.py on the tiny model: every part runs, prints its table and writes JSON."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tests.model_factory import REPO_DIR, TINY_SD_CONFIG
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO_DIR / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_timings_of_the_same_weights_agree(benchmark, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--tiny", "--resolution", "64", "--warmup", "0", "--repeats", "1", "--steps", "2",
+                    "--threads", "1", "--skip", "load,memory", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert [row["measure"] for row in report["rows"]] == ["UNet step fp32", "UNet step bf16", "txt2img 2 steps fp32"]
+    for row in report["rows"]:
+        assert row["ours"][0] > 0 and row["diffusers"][0] > 0
+        # The same weights and inputs through both implementations give the same numbers.
+        assert row["relative_difference"] < (3e-2 if "bf16" in row["measure"] else 1e-4)
+    assert report["environment"]["diffusers"]
+    assert "UNet step fp32" in capsys.readouterr().out
+
+
+def test_load_and_render_workers(benchmark, tmp_path):
+    paths = benchmark.write_checkpoints(benchmark.build_random_model(TINY_SD_CONFIG), tmp_path)
+    job = {"config": str(TINY_SD_CONFIG), "device": "cpu", "resolution": 64, "steps": 1, "threads": 1}
+    for impl in benchmark.IMPLEMENTATIONS:
+        rendered = benchmark.worker({**job, "kind": "render", "impl": impl, "checkpoint": str(paths["safetensors"])})
+        assert rendered["seconds"] > 0 and rendered["peak_rss_render_mib"] > 0
+    loaded = benchmark.run_worker({**job, "kind": "load", "impl": "ours", "checkpoint": str(paths["ckpt"])})
+    assert loaded["seconds"] > 0 and loaded["peak_rss_mib"] >= loaded["rss_before_mib"] > 0
