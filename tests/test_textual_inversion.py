@@ -159,3 +159,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case, message):
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("main.py: error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+
+
+def test_textual_inversion_on_the_ldm_bert_model(tmp_path):
+    """The LDM text2img-large layout (BERTEmbedder) learns a placeholder through main.py too."""
+    from tests.test_bert import WORDS
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    images = make_images(tmp_path / "images")
+    config = TESTS_DIR / "configs" / "tiny-ldm-bert.yaml"
+    result = subprocess.run(
+        [sys.executable, str(REPO_DIR / "main.py"), "--base", str(config), str(TINY_TI), "-t", "-n", "bert",
+         "--data_root", str(images), "--init_word", "sculpture", "lightning.trainer.max_steps=3"],
+        cwd=tmp_path, env=script_env(tmp_path, LDM_BERT_VOCAB=str(vocab)), capture_output=True, text=True,
+        timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    learned = read_embedding_file(checkpoints(tmp_path) / "embeddings.pt")
+    assert list(learned) == ["*"] and learned["*"].shape[-1] == 32
