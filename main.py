@@ -143,6 +143,7 @@ def build_model(config: Any) -> Any:
     if not os.path.isfile(checkpoint):
         raise UserInputError(f"--actual_resume {checkpoint} does not exist; give the checkpoint to start from")
     model = load_model_from_config(config.model, checkpoint, eval_mode=False)
+    model.restarted_from_ckpt = True  # keep the checkpoint's scale_factor (no scale_by_std re-estimate)
     manager = getattr(model, "embedding_manager", None)
     if manager is not None:
         manager.initialize_from_embedder()
