@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=200, help="number of images to render and read back")
     parser.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="sampler")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (txt2img's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     parser.add_argument("--batch_size", type=int, default=25, help="images rendered at once")
     parser.add_argument("--prompt", default=None, help="render this one prompt N times (e.g. 'a photo of *')")
