@@ -200,7 +200,7 @@ class Conv2d(nn.Conv2d):
         if (x.device.type == "cpu" and self.kernel_size == (3, 3) and self.stride == (1, 1)
                 and self.padding == (1, 1) and self.dilation == (1, 1) and self.groups == 1
                 and self.in_channels >= GEMM_CONV_MIN_CHANNELS and x.shape[-2] * x.shape[-1] <= GEMM_CONV_MAX_PIXELS
-                and x.dtype == weight.dtype and not torch.is_autocast_enabled("cpu")):
+                and x.dtype == weight.dtype and weight.is_contiguous() and not torch.is_autocast_enabled("cpu")):
             return _gemm_conv3x3(x, weight, bias)
         return self._conv_forward(x, weight, bias)
 
