@@ -69,4 +69,5 @@ def test_learned_embedding_renders_its_concept(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     seen = readings(tmp_path / "out")
     hits = sum(r.color == "purple" and r.shape == "star" for r in seen)
-    assert hits >= 5, [(r.color, r.shape) for r in seen]
+    assert all(r.color == "purple" for r in seen), [(r.color, r.shape) for r in seen]
+    assert hits >= 3, [(r.color, r.shape) for r in seen]  # about 60 % over 100 seeds; 0 % before training
