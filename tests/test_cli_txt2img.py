@@ -89,7 +89,17 @@ def test_offline_safety_checker_is_reported_once_and_the_run_goes_on(repeated_ru
 
 
 def _original_txt2img(ckpt, seed: int, fixed_code: bool, n_iter: int = 2, n_samples: int = 2) -> list[np.ndarray]:
-    """The sampling loop of the original CompVis scripts/txt2img.py, on the CPU, as it draws its noise."""
+    """The sampling loop of the original CompVis scripts/txt2img.py, on the CPU, as it draws its noise;
+    on one thread, as the scripts run in these tests, so that float sums add up in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _original_loop(ckpt, seed, fixed_code, n_iter, n_samples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _original_loop(ckpt, seed: int, fixed_code: bool, n_iter: int, n_samples: int) -> list[np.ndarray]:
     from pytorch_lightning import seed_everything
 
     from ldm.checkpoint import load_model_from_config
