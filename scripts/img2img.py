@@ -14,22 +14,18 @@ from typing import Optional, Sequence
 
 from ldm.cli.common import (
     CliArgumentParser,
+    OriginalDefaults,
     add_common_arguments,
-    SD_CKPT,
-    SD_CONFIG,
+    add_original_sampling_arguments,
     check_checkpoint_exists,
     check_common_arguments,
     check_writable_dir,
     configure_logging,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
     read_prompt_batches,
     resolve_model_paths,
     resolve_sampler,
     run_cli,
     seed_everything,
-    seed_int,
     unit_float,
 )
 from ldm.errors import UserInputError
@@ -37,57 +33,33 @@ from ldm.errors import UserInputError
 DEFAULT_OUTDIR = "outputs/img2img-samples"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: the original script's flags (same names, defaults and meaning) and the additions."""
-    parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-                        help="the prompt to render (default: %(default)r)")
+def _add_init_img_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-img", type=str, nargs="?", default=None,
                         help="path to the input image (any format PIL reads; EXIF orientation is applied, "
                              "transparency flattened onto white, sides rounded down to a multiple of what the "
                              "model downsamples by: 64 for SD v1)")
-    parser.add_argument("--outdir", type=str, nargs="?", default=None,
-                        help=f"dir to write results to (default: {DEFAULT_OUTDIR})")
-    parser.add_argument("--skip_grid", action="store_true",
-                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
-    parser.add_argument("--skip_save", action="store_true",
-                        help="do not save individual samples. For speed measurements.")
-    parser.add_argument("--ddim_steps", type=positive_int, default=50,
-                        help="number of ddim sampling steps (default: %(default)s)")
-    parser.add_argument("--plms", action="store_true",
-                        help="use plms sampling: not supported for img2img, as in the original (an error)")
-    parser.add_argument("--fixed_code", action="store_true",
-                        help="if enabled, uses the same noise for the init image across iterations (the original "
-                             "accepted this flag but ignored it)")
-    parser.add_argument("--ddim_eta", type=non_negative_float, default=0.0,
-                        help="ddim eta (eta=0.0 corresponds to deterministic sampling) (default: %(default)s)")
-    parser.add_argument("--n_iter", type=positive_int, default=1, help="sample this often (default: %(default)s)")
-    parser.add_argument("--C", type=positive_int, default=4, help="latent channels (default: %(default)s)")
-    parser.add_argument("--f", type=positive_int, default=8, help="downsampling factor, most often 8 or 16 "
-                                                                  "(default: %(default)s)")
-    parser.add_argument("--n_samples", type=positive_int, default=2,
-                        help="how many samples to produce for each given prompt. A.k.a batch size "
-                             "(default: %(default)s)")
-    parser.add_argument("--n_rows", type=non_negative_int, default=0,
-                        help="images per row of the grid (default: n_samples)")
-    parser.add_argument("--scale", type=float, default=5.0,
-                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - "
-                             "eps(x, empty)) (default: %(default)s)")
+
+
+def _add_strength_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=unit_float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of information "
                              "in init image (default: %(default)s)")
-    parser.add_argument("--from-file", type=str, default=None,
-                        help="if specified, load prompts from this file, one per line, in batches of n_samples")
-    parser.add_argument("--config", type=str, default=None,
-                        help=f"path to config which constructs model (default: {SD_CONFIG})")
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help=f"path to checkpoint of model, .ckpt or .safetensors (default: {SD_CKPT})")
-    parser.add_argument("--seed", type=seed_int, default=42,
-                        help="the seed (for reproducible sampling) (default: %(default)s)")
-    parser.add_argument("--precision", type=str, choices=("full", "autocast", "bf16", "fp16"), default="autocast",
-                        help="evaluate at this precision: autocast = fp16 autocast on CUDA and fp32 elsewhere; "
-                             "full = fp32; bf16 = bfloat16 autocast (CUDA, CPU); fp16 = fp16 autocast (CUDA) "
-                             "(default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the original script's flags (same names, defaults and meaning) and the additions."""
+    parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = OriginalDefaults(
+        n_iter=1, n_samples=2, scale=5.0, outdir_help=f"dir to write results to (default: {DEFAULT_OUTDIR})",
+        help={"ddim_steps": "number of ddim sampling steps (default: %(default)s)",
+              "plms": "use plms sampling: not supported for img2img, as in the original (an error)",
+              "fixed_code": "if enabled, uses the same noise for the init image across iterations (the original "
+                            "accepted this flag but ignored it)",
+              "f": "downsampling factor, most often 8 or 16 (default: %(default)s)",
+              "n_samples": "how many samples to produce for each given prompt. A.k.a batch size "
+                           "(default: %(default)s)"})
+    add_original_sampling_arguments(parser, defaults, after={"prompt": _add_init_img_argument,
+                                                             "scale": _add_strength_argument})
     add_common_arguments(parser)
     return parser
 

@@ -12,78 +12,48 @@ from typing import Optional, Sequence
 
 from ldm.cli.common import (
     CliArgumentParser,
-    add_common_arguments,
     LAION_CKPT,
     LAION_CONFIG,
     LAION_OUTDIR,
-    SD_CKPT,
-    SD_CONFIG,
+    OriginalDefaults,
+    add_common_arguments,
+    add_original_sampling_arguments,
     check_checkpoint_exists,
     check_common_arguments,
     check_writable_dir,
     configure_logging,
-    non_negative_float,
-    non_negative_int,
     positive_int,
     read_prompt_batches,
     resolve_model_paths,
     resolve_sampler,
     run_cli,
     seed_everything,
-    seed_int,
 )
 
 DEFAULT_OUTDIR = "outputs/txt2img-samples"
 DEFAULT_SIZE = 512
 
 
+def _add_laion_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--laion400m", action="store_true",
+                        help=f"use the LAION-400M latent diffusion model ({LAION_CONFIG}, {LAION_CKPT})")
+
+
+def _add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, what in (("H", "height"), ("W", "width")):
+        parser.add_argument(f"--{name}", type=positive_int, default=None,
+                            help=f"image {what}, in pixel space (default: {DEFAULT_SIZE}; with --demo the demo "
+                                 "model's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: the original script's flags (same names, defaults and meaning) and the additions."""
     parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
-                        help="the prompt to render (default: %(default)r)")
-    parser.add_argument("--outdir", type=str, nargs="?", default=None,
-                        help=f"dir to write results to (default: {DEFAULT_OUTDIR}, or {LAION_OUTDIR} with --laion400m)")
-    parser.add_argument("--skip_grid", action="store_true",
-                        help="do not save a grid, only individual samples. Helpful when evaluating lots of samples")
-    parser.add_argument("--skip_save", action="store_true",
-                        help="do not save individual samples. For speed measurements.")
-    parser.add_argument("--ddim_steps", type=positive_int, default=50,
-                        help="number of sampling steps (default: %(default)s)")
-    parser.add_argument("--plms", action="store_true", help="use PLMS sampling")
-    parser.add_argument("--laion400m", action="store_true",
-                        help=f"use the LAION-400M latent diffusion model ({LAION_CONFIG}, {LAION_CKPT})")
-    parser.add_argument("--fixed_code", action="store_true",
-                        help="if enabled, uses the same starting code across samples")
-    parser.add_argument("--ddim_eta", type=non_negative_float, default=0.0,
-                        help="ddim eta (eta=0.0 corresponds to deterministic sampling) (default: %(default)s)")
-    parser.add_argument("--n_iter", type=positive_int, default=2, help="sample this often (default: %(default)s)")
-    parser.add_argument("--H", type=positive_int, default=None,
-                        help=f"image height, in pixel space (default: {DEFAULT_SIZE}; with --demo the demo model's)")
-    parser.add_argument("--W", type=positive_int, default=None,
-                        help=f"image width, in pixel space (default: {DEFAULT_SIZE}; with --demo the demo model's)")
-    parser.add_argument("--C", type=positive_int, default=4, help="latent channels (default: %(default)s)")
-    parser.add_argument("--f", type=positive_int, default=8, help="downsampling factor (default: %(default)s)")
-    parser.add_argument("--n_samples", type=positive_int, default=3,
-                        help="how many samples to produce for each given prompt. A.k.a. batch size "
-                             "(default: %(default)s)")
-    parser.add_argument("--n_rows", type=non_negative_int, default=0,
-                        help="images per row of the grid (default: n_samples)")
-    parser.add_argument("--scale", type=float, default=7.5,
-                        help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - "
-                             "eps(x, empty)) (default: %(default)s)")
-    parser.add_argument("--from-file", type=str, default=None,
-                        help="if specified, load prompts from this file, one per line, in batches of n_samples")
-    parser.add_argument("--config", type=str, default=None,
-                        help=f"path to config which constructs model (default: {SD_CONFIG})")
-    parser.add_argument("--ckpt", type=str, default=None,
-                        help=f"path to checkpoint of model, .ckpt or .safetensors (default: {SD_CKPT})")
-    parser.add_argument("--seed", type=seed_int, default=42, help="the seed (for reproducible sampling) "
-                                                             "(default: %(default)s)")
-    parser.add_argument("--precision", type=str, choices=("full", "autocast", "bf16", "fp16"), default="autocast",
-                        help="evaluate at this precision: autocast = fp16 autocast on CUDA and fp32 elsewhere; "
-                             "full = fp32; bf16 = bfloat16 autocast (CUDA, CPU); fp16 = fp16 autocast (CUDA) "
-                             "(default: %(default)s)")
+    defaults = OriginalDefaults(
+        n_iter=2, n_samples=3, scale=7.5,
+        outdir_help=f"dir to write results to (default: {DEFAULT_OUTDIR}, or {LAION_OUTDIR} with --laion400m)")
+    add_original_sampling_arguments(parser, defaults,
+                                    after={"plms": _add_laion_argument, "n_iter": _add_size_arguments})
     add_common_arguments(parser)
     return parser
 

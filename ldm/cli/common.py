@@ -10,8 +10,9 @@ import logging
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence
 
 from ldm.errors import UserInputError
 
@@ -124,6 +125,70 @@ def seed_int(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_SEED}, got {value}")
     return value
+
+
+@dataclass(frozen=True)
+class OriginalDefaults:
+    """What differs between the original txt2img and img2img in the flags they share: three defaults and
+    some wording (`help` overrides the help of a flag by its dest)."""
+
+    n_iter: int
+    n_samples: int
+    scale: float
+    outdir_help: str
+    help: Mapping[str, str] = field(default_factory=dict)
+
+
+def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: OriginalDefaults,
+                                    after: Optional[Mapping[str, Callable[[argparse.ArgumentParser], None]]] = None
+                                    ) -> None:
+    """The flags the original CompVis sampling scripts share, with their names, defaults and meaning, in the
+    original order; `after[dest]` adds a script's own flags right after the shared flag `dest`."""
+    flags: list[tuple[str, dict[str, Any]]] = [
+        ("--prompt", dict(type=str, nargs="?", default="a painting of a virus monster playing guitar",
+                          help="the prompt to render (default: %(default)r)")),
+        ("--outdir", dict(type=str, nargs="?", default=None, help=defaults.outdir_help)),
+        ("--skip_grid", dict(action="store_true", help="do not save a grid, only individual samples. Helpful when "
+                                                       "evaluating lots of samples")),
+        ("--skip_save", dict(action="store_true", help="do not save individual samples. For speed measurements.")),
+        ("--ddim_steps", dict(type=positive_int, default=50, help="number of sampling steps (default: %(default)s)")),
+        ("--plms", dict(action="store_true", help="use PLMS sampling")),
+        ("--fixed_code", dict(action="store_true", help="if enabled, uses the same starting code across samples")),
+        ("--ddim_eta", dict(type=non_negative_float, default=0.0,
+                            help="ddim eta (eta=0.0 corresponds to deterministic sampling) (default: %(default)s)")),
+        ("--n_iter", dict(type=positive_int, default=defaults.n_iter,
+                          help="sample this often (default: %(default)s)")),
+        ("--C", dict(type=positive_int, default=4, help="latent channels (default: %(default)s)")),
+        ("--f", dict(type=positive_int, default=8, help="downsampling factor (default: %(default)s)")),
+        ("--n_samples", dict(type=positive_int, default=defaults.n_samples,
+                             help="how many samples to produce for each given prompt. A.k.a. batch size "
+                                  "(default: %(default)s)")),
+        ("--n_rows", dict(type=non_negative_int, default=0, help="images per row of the grid (default: n_samples)")),
+        ("--scale", dict(type=float, default=defaults.scale,
+                         help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - "
+                              "eps(x, empty)) (default: %(default)s)")),
+        ("--from-file", dict(type=str, default=None, help="if specified, load prompts from this file, one per line, "
+                                                          "in batches of n_samples")),
+        ("--config", dict(type=str, default=None,
+                          help=f"path to config which constructs model (default: {SD_CONFIG})")),
+        ("--ckpt", dict(type=str, default=None,
+                        help=f"path to checkpoint of model, .ckpt or .safetensors (default: {SD_CKPT})")),
+        ("--seed", dict(type=seed_int, default=42,
+                        help="the seed (for reproducible sampling) (default: %(default)s)")),
+        ("--precision", dict(type=str, choices=("full", "autocast", "bf16", "fp16"), default="autocast",
+                             help="evaluate at this precision: autocast = fp16 autocast on CUDA and fp32 elsewhere; "
+                                  "full = fp32; bf16 = bfloat16 autocast (CUDA, CPU); fp16 = fp16 autocast (CUDA) "
+                                  "(default: %(default)s)")),
+    ]
+    after = after or {}
+    unknown = (set(defaults.help) | set(after)) - {flag.lstrip("-").replace("-", "_") for flag, _ in flags}
+    if unknown:
+        raise ValueError(f"not flags of the original scripts: {sorted(unknown)}")
+    for flag, options in flags:
+        dest = flag.lstrip("-").replace("-", "_")
+        parser.add_argument(flag, **{**options, "help": defaults.help.get(dest, options["help"])})
+        if dest in after:
+            after[dest](parser)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
