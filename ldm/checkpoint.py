@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -143,10 +144,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(read_checkpoint(path)["state_dict"])
 
 
-def normalize_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map keys to the model's layout: CLIP text keys with or without `text_model.` (transformers 4 vs 5),
-    stale `position_ids` buffers dropped."""
-    expected = set(model.state_dict().keys())
+def normalize_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Module | Iterable[str]
+                         ) -> dict[str, torch.Tensor]:
+    """Map keys to the layout of `model` (or of its state-dict keys): CLIP text keys with or without
+    `text_model.` (transformers 4 vs 5), stale `position_ids` buffers dropped."""
+    expected = set(model.state_dict().keys() if isinstance(model, nn.Module) else model)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key.endswith(STALE_KEY_SUFFIXES) and key not in expected:
@@ -163,20 +165,56 @@ def normalize_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
 
 @contextlib.contextmanager
 def no_weight_init() -> Iterator[None]:
-    """Build modules without running their random initialisers (the checkpoint overwrites them)."""
+    """Build modules with their parameters on the meta device and without running their random
+    initialisers: no memory is allocated or written for weights a checkpoint is about to replace.
+    Load with `assign=True` (`load_state_dict_into` does so for such models); parameters the checkpoint
+    lacks are then given real storage by `materialise_missing`. Buffers stay real (they are small and
+    often computed, e.g. the noise schedule)."""
     classes = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm,
                nn.GroupNorm]
     saved = {cls: cls.__dict__.get("reset_parameters") for cls in classes}
+    register_parameter = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
     try:
+        nn.Module.register_parameter = register_on_meta
         for cls in classes:
             cls.reset_parameters = lambda self: None
         yield
     finally:
+        nn.Module.register_parameter = register_parameter
         for cls, method in saved.items():
             if method is None:
                 delattr(cls, "reset_parameters")
             else:
                 cls.reset_parameters = method
+
+
+def materialise_missing(model: nn.Module) -> list[str]:
+    """Give every tensor still on the meta device real storage and a proper initialisation: a module whose
+    own parameters are all missing is reset with its initialiser, single missing tensors are zeroed
+    (a lone bias, a textual-inversion vector set later). Returns the names of the tensors materialised."""
+    materialised = []
+    for owner_name, module in model.named_modules():
+        own = [(name, t) for name, t in itertools.chain(module._parameters.items(), module._buffers.items())
+               if t is not None and t.is_meta]
+        if not own:
+            continue
+        all_parameters_missing = all(t is None or t.is_meta for t in module._parameters.values())
+        for name, tensor in own:
+            data = torch.zeros(tensor.shape, dtype=tensor.dtype)
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(data, requires_grad=tensor.requires_grad)
+            else:
+                module._buffers[name] = data
+            materialised.append(f"{owner_name}.{name}" if owner_name else name)
+        if all_parameters_missing and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return materialised
 
 
 def _describe(keys: Sequence[str]) -> str:
@@ -185,21 +223,15 @@ def _describe(keys: Sequence[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _shape_mismatches(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    own = model.state_dict()
+def _shape_mismatches(own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     return [f"{key} {tuple(value.shape)} vs model {tuple(own[key].shape)}" for key, value in state_dict.items()
             if key in own and tuple(own[key].shape) != tuple(value.shape)]
 
 
-def _initialise_missing(model: nn.Module, missing: Sequence[str]) -> None:
-    """Give weights the checkpoint lacks a proper initialisation (they were built without one)."""
-    owners = {key.rpartition(".")[0] for key in missing}
-    modules = dict(model.named_modules())
-    for owner in sorted(owners):
-        module = modules.get(owner)
-        if module is not None and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    if getattr(model, "use_ema", False) and any(key.startswith("model_ema.") for key in missing):
+def _initialise_missing(model: nn.Module) -> None:
+    """Give weights the checkpoint lacks a proper initialisation (they were built without storage)."""
+    materialised = materialise_missing(model)
+    if getattr(model, "use_ema", False) and any(key.startswith("model_ema.") for key in materialised):
         from ldm.modules.ema import LitEma
 
         model.model_ema = LitEma(model.model)
@@ -220,36 +252,57 @@ def load_state_dict_into(model: nn.Module, source: str | os.PathLike | Mapping[s
     if strip_prefix:
         state_dict = {k[len(strip_prefix):]: v for k, v in state_dict.items() if k.startswith(strip_prefix)}
     state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in ignore_prefixes)}
-    state_dict = normalize_state_dict(state_dict, model)
+    own = model.state_dict(keep_vars=True)
+    state_dict = normalize_state_dict(state_dict, own.keys())
     if not getattr(model, "use_ema", False):
         dropped = [k for k in state_dict if k.startswith("model_ema.")]
         if dropped:
             logger.info("ignoring %d EMA tensors (use_ema is off; the model's own weights are used)", len(dropped))
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("model_ema.")}
-    mismatched = _shape_mismatches(model, state_dict)
+    mismatched = _shape_mismatches(own, state_dict)
     if mismatched:
         raise CheckpointError(f"{name} does not fit this model's architecture: {len(mismatched)} tensors have "
                               f"other shapes, e.g. {_describe(mismatched)}; check that the config matches the checkpoint")
-    expected = model.state_dict()
-    matched = [k for k in state_dict if k in expected]
-    if expected and len(matched) < min_matched_fraction * len(expected):
-        foreign = [k for k in state_dict if k not in expected]
+    matched = [k for k in state_dict if k in own]
+    if own and len(matched) < min_matched_fraction * len(own):
+        foreign = [k for k in state_dict if k not in own]
         raise CheckpointError(f"{name} does not fit this model: only {len(matched)} of its {len(state_dict)} tensors "
                               f"are in the model (e.g. unknown: {_describe(foreign)}); check that the config matches "
                               "the checkpoint")
     if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() and expected[k].is_floating_point()
+        state_dict = {k: v.to(dtype) if v.is_floating_point() and own[k].is_floating_point()
                       and not _is_schedule_buffer(k) else v
-                      for k, v in state_dict.items() if k in expected}
-    result = model.load_state_dict(state_dict, strict=False, assign=assign)
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+                      for k, v in state_dict.items() if k in own}
+    built_empty = any(t.is_meta for t in own.values())
+    if assign or built_empty:
+        missing, unexpected = _assign_tensors(model, own, state_dict)
+    else:
+        result = model.load_state_dict(state_dict, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
         logger.warning("%d keys missing from %s (initialised afresh): %s", len(missing), name, _describe(missing))
-        if assign:
-            _initialise_missing(model, missing)
+    if built_empty:
+        _initialise_missing(model)
     if unexpected:
         logger.warning("%d unexpected keys in %s (ignored): %s", len(unexpected), name, _describe(unexpected))
     return missing, unexpected
+
+
+def _assign_tensors(model: nn.Module, own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
+                    ) -> tuple[list[str], list[str]]:
+    """`load_state_dict(assign=True)` without its per-module overhead (no module here customises loading):
+    the checkpoint's tensors become the model's, parameters keep their `requires_grad`."""
+    modules = dict(model.named_modules())
+    for key, value in state_dict.items():
+        if key not in own:
+            continue
+        owner, _, name = key.rpartition(".")
+        module = modules[owner]
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(value, requires_grad=own[key].requires_grad)
+        else:
+            module._buffers[name] = value
+    return [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
 
 
 def _is_schedule_buffer(key: str) -> bool:

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import load_model_from_config, read_checkpoint
+from ldm.checkpoint import load_model_from_config, no_weight_init, read_checkpoint
 from ldm.errors import CheckpointError
+from ldm.util import instantiate_from_config
 from tests.model_factory import random_tiny_model, tiny_config
 
 TEXT = "cond_stage_model.transformer."
@@ -203,6 +204,31 @@ def test_missing_keys_are_initialised_not_left_as_garbage(tmp_path, original_sta
     assert "missing" in caplog.text
     weight = model.model.diffusion_model.time_embed[0].weight
     assert torch.isfinite(weight).all() and 0 < weight.abs().max() < 1
+
+
+def test_models_are_built_without_weight_memory_and_loaded_with_none_left_empty(tmp_path, original_state):
+    with no_weight_init():
+        empty = instantiate_from_config(tiny_config().model)
+    assert all(p.is_meta for p in empty.parameters())
+    assert not any(b.is_meta for b in empty.buffers())
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # the patch ends with the context
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_state}, path)
+    model = load_model_from_config(tiny_config(), path)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_a_missing_bias_is_zeroed_and_its_module_keeps_the_loaded_weight(tmp_path, original_state, caplog):
+    key = "model.diffusion_model.out.2"
+    state = {k: v for k, v in original_state.items() if k != f"{key}.bias"}
+    path = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": state}, path)
+    with caplog.at_level("WARNING"):
+        model = load_model_from_config(tiny_config(), path)
+    assert f"{key}.bias" in caplog.text
+    out = model.model.diffusion_model.out[2]
+    assert torch.equal(out.weight, original_state[f"{key}.weight"])
+    assert torch.equal(out.bias, torch.zeros_like(out.bias))
 
 
 def test_dtype_casts_weights_but_keeps_the_schedule_in_float32(tmp_path, original_state):

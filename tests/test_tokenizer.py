@@ -45,3 +45,29 @@ def test_frozen_clip_embedder_tokenizes_offline():
     assert tokens.shape == (2, 77)
     assert tokens[0, :10].tolist() == CASES[0]["ids"]
     assert embedder(["a", "b"]).shape == (2, 77, 32)
+
+
+def test_the_merge_table_is_read_on_first_use_and_once_per_process(monkeypatch):
+    from ldm.modules.encoders import clip_tokenizer
+
+    clip_tokenizer._read_tables.cache_clear()
+    reads = []
+    monkeypatch.setattr(clip_tokenizer, "_BPETables", lambda path, _real=clip_tokenizer._BPETables: reads.append(path)
+                        or _real(path))
+    first, second = clip_tokenizer.CLIPTokenizer(), clip_tokenizer.CLIPTokenizer()
+    assert reads == []
+    assert first.encode("a red circle", 5) == second.encode("a red circle", 5) == [49406, 320, 736, 7117, 49407]
+    assert len(reads) == 1
+
+
+def test_a_file_that_is_not_the_merge_table_is_refused(tmp_path):
+    import gzip
+
+    from ldm.errors import UserInputError
+    from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+
+    path = tmp_path / "bpe.txt.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write("#version\nh e\n")
+    with pytest.raises(UserInputError, match="not CLIP's merge table"):
+        CLIPTokenizer(path).encode("hello")

@@ -6,6 +6,7 @@ so tokenizing needs neither the network nor a hub cache.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import html
 import importlib.util
@@ -22,6 +23,9 @@ from ldm.errors import UserInputError
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
+VOCAB_SIZE = 49408
+SOT_TOKEN_ID = 49406
+EOT_TOKEN_ID = 49407
 _TOKEN_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
@@ -61,41 +65,71 @@ def clean_text(text: str) -> str:
     return regex.sub(r"\s+", " ", text).strip().lower()
 
 
-class CLIPTokenizer:
-    """Text -> CLIP token ids; `encode` pads with the end token to `max_length` like Stable Diffusion."""
+class _BPETables:
+    """The vocabulary and merge ranks read from a merge table (49152 tokens: 256 bytes, 256 word-final bytes,
+    48894 merges, start and end)."""
 
-    def __init__(self, vocab_path: Optional[str | os.PathLike] = None):
-        path = Path(vocab_path) if vocab_path else default_vocab_path()
+    def __init__(self, path: Path):
         try:
             with gzip.open(path, "rt", encoding="utf-8") as handle:
-                lines = handle.read().split("\n")
+                lines = handle.read().split("\n")[1:49152 - 256 - 2 + 1]
         except OSError as error:
             raise UserInputError(f"cannot read the CLIP vocabulary {path}: {error}") from error
-        merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
         byte_chars = list(bytes_to_unicode().values())
-        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+        vocab = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in lines]
         vocab += [START_OF_TEXT, END_OF_TEXT]
-        self.byte_encoder = bytes_to_unicode()
+        if len(vocab) != VOCAB_SIZE:
+            raise UserInputError(f"{path} is not CLIP's merge table: it gives {len(vocab)} tokens, not {VOCAB_SIZE}")
         self.encoder = {token: index for index, token in enumerate(vocab)}
-        self.decoder = {index: token for token, index in self.encoder.items()}
+        self.bpe_ranks = {merge: rank for rank, merge in enumerate(lines)}  # keyed "first second"
+
+
+@lru_cache(maxsize=4)
+def _read_tables(path: Path) -> _BPETables:
+    return _BPETables(path)
+
+
+class CLIPTokenizer:
+    """Text -> CLIP token ids; `encode` pads with the end token to `max_length` like Stable Diffusion.
+
+    The merge table is read on first use and shared by every tokenizer of the process, so building a
+    model costs nothing here."""
+
+    def __init__(self, vocab_path: Optional[str | os.PathLike] = None):
+        self.path = Path(vocab_path) if vocab_path else default_vocab_path()
+        if not self.path.is_file():
+            raise UserInputError(f"cannot read the CLIP vocabulary {self.path}: no such file")
+        self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
-        self.bpe_ranks = {merge: rank for rank, merge in enumerate(merges)}
         self.cache = {START_OF_TEXT: START_OF_TEXT, END_OF_TEXT: END_OF_TEXT}
-        self.sot_token_id = self.encoder[START_OF_TEXT]
-        self.eot_token_id = self.encoder[END_OF_TEXT]
-        self.vocab_size = len(self.encoder)
+        self.sot_token_id = SOT_TOKEN_ID
+        self.eot_token_id = EOT_TOKEN_ID
+        self.vocab_size = VOCAB_SIZE
+
+    @property
+    def encoder(self) -> dict[str, int]:
+        return _read_tables(self.path).encoder
+
+    @property
+    def bpe_ranks(self) -> dict[str, int]:
+        return _read_tables(self.path).bpe_ranks
+
+    @functools.cached_property
+    def decoder(self) -> dict[int, str]:
+        return {index: token for token, index in self.encoder.items()}
 
     def bpe(self, token: str) -> str:
         """Merge the characters of one word by BPE ranks; returns space-separated sub-words."""
         if token in self.cache:
             return self.cache[token]
+        ranks = self.bpe_ranks
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
-            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if best not in self.bpe_ranks:
+            pairs = {f"{word[i]} {word[i + 1]}" for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+            if best not in ranks:
                 break
-            first, second = best
+            first, second = best.split(" ")
             merged: list[str] = []
             i = 0
             while i < len(word):
