@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, first_line
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _load_pickle_checkpoint(path: Path, fmt: str) -> Any:
                 "loaded as weights only. Use a checkpoint from a trusted source, or convert it to .safetensors"
             ) from error
         raise CheckpointError(
-            f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint ({_first_line(error)}); "
+            f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint ({first_line(error)}); "
             "download it again"
         ) from error
 
@@ -106,12 +106,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read {path}: {_first_line(error)}; download it again") from error
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+        raise CheckpointError(f"cannot read {path}: {first_line(error)}; download it again") from error
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -330,7 +325,7 @@ def load_config(path: str | os.PathLike) -> DictConfig:
     try:
         config = OmegaConf.load(path)
     except Exception as error:
-        raise UserInputError(f"cannot parse config {path}: {_first_line(error)}") from error
+        raise UserInputError(f"cannot parse config {path}: {first_line(error)}") from error
     if not isinstance(config, DictConfig):
         raise UserInputError(f"config {path} is not a YAML mapping")
     return config

@@ -10,3 +10,9 @@ class UserInputError(Exception):
 
 class CheckpointError(UserInputError):
     """A checkpoint file that is missing, unreadable, unsafe or made for another model."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), to quote inside a one-line error."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ldm.data.personalized import per_img_token_list
-from ldm.errors import UserInputError
+from ldm.errors import UserInputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +220,6 @@ def save_embedding_file(data: dict[str, Any], path: str | os.PathLike) -> None:
     os.replace(temporary, path)
 
 
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
 def _load_embedding_data(path: Path) -> Any:
     with open(path, "rb") as handle:
         head = handle.read(9)
@@ -238,7 +233,7 @@ def _load_embedding_data(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise UserInputError(f"cannot read embedding file {path}: it is corrupt or not an embedding file "
-                             f"({_first_line(error)})") from error
+                             f"({first_line(error)})") from error
 
 
 def _vectors_by_string(data: Any, path: Path) -> dict[str, Any]:

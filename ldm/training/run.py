@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import load_config
-from ldm.errors import UserInputError
+from ldm.errors import UserInputError, first_line
 
 
 @dataclass
@@ -88,7 +88,7 @@ def merged_config(files: Sequence[str], overrides: Sequence[str]) -> tuple[DictC
     try:
         config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
     except Exception as error:
-        raise UserInputError(f"cannot merge the configs: {str(error).splitlines()[0]}") from error
+        raise UserInputError(f"cannot merge the configs: {first_line(error)}") from error
     lightning_config = config.pop("lightning", OmegaConf.create())
     if "model" not in config:
         raise UserInputError(f"the config ({', '.join(files)}) has no model section")
