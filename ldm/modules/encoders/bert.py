@@ -97,6 +97,9 @@ def _load_bert_tokenizer(source: Optional[str | os.PathLike]) -> Any:
 
 
 class AbsolutePositionalEmbedding(nn.Module):
+    """Learned positions, added unscaled like CompVis's copy of x-transformers 0.10 that the checkpoint
+    was trained with (releases from 0.17.11 on scale them by dim ** -0.5; tests/test_bert_reference.py)."""
+
     def __init__(self, dim: int, max_seq_len: int):
         super().__init__()
         self.emb = nn.Embedding(max_seq_len, dim)
