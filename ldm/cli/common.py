@@ -31,6 +31,8 @@ LAION_CONFIG = "configs/latent-diffusion/txt2img-1p4B-eval.yaml"
 LAION_CKPT = "models/ldm/text2img-large/model.ckpt"
 LAION_OUTDIR = "outputs/txt2img-samples-laion400m"
 DEMO_HINT = "(or try the small demo model that ships with this repository: add --demo)"
+DECODE_TILE = 64  # latent pixels per tile side for --tiled_decode: 512 image pixels at f=8, SD v1's training size
+DECODE_OVERLAP = 16  # latent pixels shared (and cross-faded) by neighbouring tiles
 
 
 class CliArgumentParser(argparse.ArgumentParser):
@@ -192,7 +194,8 @@ def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: O
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options both scripts add to the original ones: samplers, devices, safety, watermark, embeddings."""
+    """The options both scripts add to the original ones: samplers, devices, safety, watermark, embeddings,
+    memory and speed."""
     group = parser.add_argument_group("beyond the original scripts")
     group.add_argument("--demo", action="store_true",
                        help="use the small demo model that ships in models/demo (config.yaml, model.safetensors) "
@@ -218,7 +221,21 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                             "feature extractor; default $LDM_SAFETY_CHECKER or CompVis/stable-diffusion-safety-checker")
     group.add_argument("--embedding_path", type=str, nargs="+", default=None, metavar="PATH",
                        help="textual-inversion embedding file(s) whose placeholder words the prompt may use")
-
+    speed = parser.add_argument_group("memory and speed")
+    speed.add_argument("--tiled_decode", action="store_true",
+                       help=f"decode latents larger than {DECODE_TILE}x{DECODE_TILE} (images larger than "
+                            f"{8 * DECODE_TILE}x{8 * DECODE_TILE} for SD) in overlapping, cross-faded tiles of that "
+                            f"size ({DECODE_OVERLAP} latent pixels of overlap), so that a 1024x1024 image decodes in "
+                            "the memory of a 512x512 one; the pixels differ slightly from a whole-image decode")
+    speed.add_argument("--lowvram", action="store_true",
+                       help="keep the text encoder, UNet and autoencoder in CPU memory and move each to the "
+                            "device only while it runs, so the device holds one of them at a time (slower; "
+                            "the safety checker runs on the CPU; no effect on the images; a no-op with "
+                            "--device cpu)")
+    speed.add_argument("--compile", action="store_true",
+                       help="compile the UNet with torch.compile, for faster steps on CUDA (needs Triton there, "
+                            "and a C++ compiler on the CPU); the first sampling step waits for the compilation, "
+                            "which takes minutes")
 
 def resolve_sampler(opt: argparse.Namespace) -> str:
     """The sampler the flags ask for; contradicting flags are an error."""

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
+import os
+import shutil
+import sys
 from dataclasses import dataclass
 from typing import Any, ContextManager, Optional, Sequence
 
@@ -11,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from ldm.checkpoint import load_config, load_model_from_config, model_config_section
+from ldm.cli.common import DECODE_OVERLAP, DECODE_TILE
 from ldm.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -126,3 +131,33 @@ def load_model(config: DictConfig, ckpt: str, device: torch.device,
         placeholders = attach_embeddings(model, list(embedding_paths))
         logger.info("textual-inversion embeddings loaded; the prompt may use %s", ", ".join(placeholders))
     return model
+
+
+def check_compile_available(device: torch.device) -> None:
+    """torch.compile's code generator for `device` must be installed: a C++ compiler for the CPU, Triton for CUDA."""
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX") or {"win32": "cl", "darwin": "clang++"}.get(sys.platform, "g++")
+        if shutil.which(compiler) is None:
+            raise UserInputError(f"--compile on the CPU needs a C++ compiler and {compiler!r} is not on the PATH; "
+                                 "install one (or name it in $CXX), or leave out --compile")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise UserInputError("--compile on CUDA needs Triton (pip install triton), or leave out --compile")
+
+
+def compile_unet(model: Any) -> None:
+    """Compile the UNet in place with torch.compile; the compilation itself happens at the first sampling step."""
+    try:
+        model.model.diffusion_model.compile()
+    except RuntimeError as error:
+        raise UserInputError(f"--compile: torch.compile is not available here: {error}") from error
+    logger.info("the UNet compiles at the first sampling step: expect a few minutes before it starts")
+
+
+def enable_tiled_decode(model: Any) -> None:
+    """Decode latents in overlapping tiles of DECODE_TILE latent pixels, so large images decode in the memory
+    of a 512x512 decode."""
+    first_stage = model.first_stage_model
+    if not callable(getattr(first_stage, "enable_tiling", None)):
+        raise UserInputError(f"--tiled_decode: this model's autoencoder ({type(first_stage).__name__}) cannot "
+                             "decode in tiles")
+    first_stage.enable_tiling(tile_size=DECODE_TILE, overlap=DECODE_OVERLAP)

@@ -13,11 +13,19 @@ from omegaconf import DictConfig
 
 import ldm
 from ldm.cli.hashing import BackgroundHash
-from ldm.cli.runtime import load_model, precision_context, select_device
+from ldm.cli.runtime import (
+    check_compile_available,
+    compile_unet,
+    enable_tiled_decode,
+    load_model,
+    precision_context,
+    select_device,
+)
 from ldm.cli.safety import SafetyChecker
 from ldm.cli.watermark import Watermarker
 from ldm.cli.writer import ImageWriter
 from ldm.models.diffusion.registry import make_sampler
+from ldm.models.offload import enable_offload
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,8 @@ class Session:
         if opt.sampler == "ddim":
             fields["Eta"] = opt.ddim_eta
         fields["Precision"] = opt.precision
+        if opt.tiled_decode:
+            fields["Tiled decode"] = True
         if opt.embedding_path:
             fields["Embeddings"] = " ".join(Path(p).name for p in opt.embedding_path)
         fields["Version"] = f"ldm {ldm.__version__}"
@@ -71,9 +81,19 @@ def open_session(opt: argparse.Namespace, config: DictConfig) -> Session:
     checkpoint_hash = BackgroundHash(opt.ckpt)
     device = select_device(opt.device)
     precision_context(opt.precision, device)
-    model = load_model(config, opt.ckpt, device, opt.embedding_path)
+    if opt.compile:
+        check_compile_available(device)
+    # With --lowvram the model loads into CPU memory, and only its small rest moves to the device now.
+    cpu = torch.device("cpu")
+    model = load_model(config, opt.ckpt, cpu if opt.lowvram else device, opt.embedding_path)
+    if opt.lowvram:
+        enable_offload(model, device)
+    if opt.tiled_decode:
+        enable_tiled_decode(model)
+    if opt.compile:
+        compile_unet(model)
     if safety is not None:
-        safety.load(device)
+        safety.load(cpu if opt.lowvram else device)
     writer = ImageWriter(opt.outdir, negative_prompt=opt.negative_prompt, grid_columns=opt.n_rows or opt.n_samples,
                          skip_save=opt.skip_save, skip_grid=opt.skip_grid,
                          safety=safety if safety is not None and safety.available else None,
