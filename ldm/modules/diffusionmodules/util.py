@@ -130,8 +130,9 @@ def emulated_bf16(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> boo
     """True for bfloat16 maths (bf16 tensors or bf16 autocast) on a CPU that would only emulate it.
 
     Such maths runs faster in float32 there; the result is cast back to bfloat16 (and is more accurate).
+    Under `torch.compile` the compiler chooses the kernels, so this stays out of its graphs.
     """
-    if x.device.type != "cpu" or cpu_has_bf16():
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or cpu_has_bf16():
         return False
     return (x.dtype == torch.bfloat16 or (weight is not None and weight.dtype == torch.bfloat16)
             or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
