@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -39,8 +38,9 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import load_model_from_config, no_weight_init  # noqa: E402
+from ldm.checkpoint import load_model_from_config, materialise_missing, no_weight_init  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.models.offload import enable_offload  # noqa: E402
 from ldm.modules.diffusionmodules.util import cpu_has_bf16  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
@@ -50,6 +50,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("ours", "diffusers")
+COMPILED = " (ours compiled)"
 
 
 # --- weights -------------------------------------------------------------------------------------------------
@@ -60,6 +61,7 @@ def build_random_model(config_path: Path, seed: int = 0) -> torch.nn.Module:
     config = OmegaConf.load(config_path).model
     with no_weight_init():
         model = instantiate_from_config(config)
+    materialise_missing(model)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -193,11 +195,13 @@ def unet_step_rows(model: torch.nn.Module, config_path: Path, dtype_name: str, r
     x = torch.randn(batch, 4, resolution // 8, resolution // 8, generator=generator).to(device, dtype)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     context = torch.randn(batch, 77, context_dim, generator=generator).to(device, dtype)
+    if args.compile:
+        ours = torch.compile(ours)
     cases = {"ours": lambda: ours(x, t, context=context),
              "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample}
     error = relative_error(cases["ours"](), cases["diffusers"]())
     times = interleaved(cases, args.warmup, args.repeats, device)
-    return {"measure": f"UNet step {dtype_name}", "resolution": resolution, "batch": batch,
+    return {"measure": f"UNet step {dtype_name}{COMPILED if args.compile else ''}", "resolution": resolution, "batch": batch,
             "relative_difference": error, **{name: times[name] for name in IMPLEMENTATIONS}}
 
 
@@ -236,7 +240,7 @@ def txt2img_row(model: torch.nn.Module, config_path: Path, resolution: int, step
 
     error = relative_error(ours().clamp(-1, 1), theirs() * 2 - 1)  # the warm-up; the pipeline clamps
     times = interleaved({"ours": ours, "diffusers": theirs}, 0, args.e2e_repeats, device)
-    return {"measure": f"txt2img {steps} steps fp32", "resolution": resolution, "batch": 1,
+    return {"measure": f"txt2img {steps} steps fp32{COMPILED if args.compile else ''}", "resolution": resolution, "batch": 1,
             "relative_difference": error, **{name: times[name] for name in IMPLEMENTATIONS}}
 
 
@@ -314,7 +318,10 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
                               "peak_rss_mib": _status_kib("VmHWM") / 1024, "peak_is_of_load": reset}
     if job["kind"] == "render":
         result["peak_rss_process_mib"] = result.pop("peak_rss_mib")
-        if job["impl"] == "ours":
+        if job["impl"] == "ours" and job["lowvram"]:
+            enable_offload(loaded, device)
+            model = loaded
+        elif job["impl"] == "ours":
             model = loaded.to(device)
         else:
             model = build_pipeline(loaded, device)
@@ -388,8 +395,9 @@ def load_rows(paths: dict[str, Path], config_path: Path, args: argparse.Namespac
 def memory_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     results = {impl: run_worker({"kind": "render", "impl": impl, "checkpoint": str(path), "config": str(config_path),
                                  "device": args.device, "resolution": args.resolution, "steps": args.memory_steps,
+                                 "lowvram": args.lowvram,
                                  "threads": args.threads}) for impl in IMPLEMENTATIONS}
-    return {"measure": f"txt2img peak memory {args.memory_steps} step(s)", "resolution": args.resolution,
+    return {"measure": f"txt2img peak memory {args.memory_steps} step(s){' lowvram' if args.lowvram else ''}", "resolution": args.resolution,
             "batch": 1, **results}
 
 
@@ -470,6 +478,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ckpt", type=Path, default=None, help="a real checkpoint instead of random weights")
     parser.add_argument("--tiny", action="store_true", help="the tiny test model (tests/configs/tiny-sd.yaml)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: unet, txt2img, load, memory")
+    parser.add_argument("--compile", action="store_true",
+                        help="our UNet through torch.compile (the txt2img --compile flag); diffusers stays eager")
+    parser.add_argument("--lowvram", action="store_true",
+                        help="our peak-memory render with the txt2img --lowvram offloading (parts visit the device "
+                             "one at a time); diffusers keeps its whole pipeline on the device")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -502,6 +515,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 rows.append(unet_step_rows(model, config_path, name, resolution, args.batch, args, device))
                 print(table(rows[-1:]), flush=True)
         if "txt2img" not in skip:
+            if args.compile:
+                model.model.diffusion_model.compile()
             rows.append(txt2img_row(model, config_path, args.resolution, args.steps, args, device))
             print(table(rows[-1:]), flush=True)
         del model

@@ -41,9 +41,23 @@ def test_timings_of_the_same_weights_agree(benchmark, tmp_path, capsys):
 
 def test_load_and_render_workers(benchmark, tmp_path):
     paths = benchmark.write_checkpoints(benchmark.build_random_model(TINY_SD_CONFIG), tmp_path)
-    job = {"config": str(TINY_SD_CONFIG), "device": "cpu", "resolution": 64, "steps": 1, "threads": 1}
+    job = {"config": str(TINY_SD_CONFIG), "device": "cpu", "resolution": 64, "steps": 1, "threads": 1,
+           "lowvram": False}
     for impl in benchmark.IMPLEMENTATIONS:
         rendered = benchmark.worker({**job, "kind": "render", "impl": impl, "checkpoint": str(paths["safetensors"])})
         assert rendered["seconds"] > 0 and rendered["peak_rss_render_mib"] > 0
+    offloaded = benchmark.worker({**job, "kind": "render", "impl": "ours", "lowvram": True,
+                                  "checkpoint": str(paths["safetensors"])})
+    assert offloaded["peak_rss_render_mib"] > 0
     loaded = benchmark.run_worker({**job, "kind": "load", "impl": "ours", "checkpoint": str(paths["ckpt"])})
     assert loaded["seconds"] > 0 and loaded["peak_rss_mib"] >= loaded["rss_before_mib"] > 0
+
+
+def test_compiled_rows_are_labelled(benchmark, monkeypatch, tmp_path):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compiled.append(module) or module)
+    out = tmp_path / "bench.json"
+    benchmark.main(["--tiny", "--resolution", "64", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                    "--dtypes", "fp32", "--skip", "txt2img,load,memory", "--compile", "--json", str(out)])
+    assert [row["measure"] for row in json.loads(out.read_text())["rows"]] == ["UNet step fp32 (ours compiled)"]
+    assert len(compiled) == 1
