@@ -228,3 +228,16 @@ def test_compile_without_a_cpp_compiler_is_one_line_and_exit_2(tmp):
     assert run.returncode == 2, run.stderr
     assert lines[-1].startswith("txt2img.py: error: --compile on the CPU needs a C++ compiler"), run.stderr
     assert sum("error" in line for line in lines) == 1 and "Traceback" not in run.stderr and not outdir.exists()
+
+
+def test_bf16_precision_keeps_the_weights_in_bf16_and_renders_close_to_fp32(tmp, render):
+    from ldm.cli.runtime import load_model
+
+    model = load_model(tiny_config(), str(tmp / "tiny.safetensors"), CPU, precision="bf16")
+    assert model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
+    assert model.alphas_cumprod.dtype == torch.float32
+    assert load_model(tiny_config(), str(tmp / "tiny.safetensors"), CPU, precision="autocast").model.diffusion_model \
+        .out[2].weight.dtype == torch.float32
+    full = pixels(render("txt2img.py", "--precision", "full")).astype(int)
+    half = pixels(render("txt2img.py", "--precision", "bf16")).astype(int)
+    assert np.abs(full - half).mean() < 4

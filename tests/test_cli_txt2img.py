@@ -257,21 +257,13 @@ def test_original_flags_and_defaults():
         "outputs/img2img-samples", 5.0, 0.75, 1, 2, 50)
 
 
-def _has_attach_embeddings() -> bool:
-    try:
-        module = importlib.import_module("ldm.modules.embedding_manager")
-    except ImportError:
-        return False
-    return hasattr(module, "attach_embeddings")
-
-
-@pytest.mark.skipif(not _has_attach_embeddings(), reason="ldm.modules.embedding_manager.attach_embeddings "
-                                                          "(textual inversion) has not landed yet")
-def test_embedding_path_loads_a_textual_inversion_embedding(tmp, ckpt):
-    embedding, outdir = tmp / "star.pt", tmp / "embedding"
+@pytest.mark.parametrize("precision", ["autocast", "bf16"])
+def test_embedding_path_loads_a_textual_inversion_embedding(tmp, ckpt, precision):
+    embedding, outdir = tmp / "star.pt", tmp / f"embedding-{precision}"
     torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, 32)}}, embedding)
     run = run_script("txt2img.py", *FAST, "--ckpt", ckpt, "--outdir", outdir, "--n_samples", "1", "--n_iter", "1",
-                     "--prompt", "a photo of *", "--embedding_path", embedding, "--no_safety_checker", tmp=tmp)
+                     "--prompt", "a photo of *", "--embedding_path", embedding, "--no_safety_checker",
+                     "--precision", precision, tmp=tmp)
     assert run.returncode == 0, run.stderr
     assert "*" in run.stderr
     assert parse_infotext(parameters(outdir / "samples" / "00000.png"))[2]["Embeddings"] == "star.pt"

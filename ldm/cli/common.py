@@ -179,7 +179,8 @@ def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: O
                         help="the seed (for reproducible sampling) (default: %(default)s)")),
         ("--precision", dict(type=str, choices=("full", "autocast", "bf16", "fp16"), default="autocast",
                              help="evaluate at this precision: autocast = fp16 autocast on CUDA and fp32 elsewhere; "
-                                  "full = fp32; bf16 = bfloat16 autocast (CUDA, CPU); fp16 = fp16 autocast (CUDA) "
+                                  "full = fp32; bf16 = bfloat16 autocast (CUDA, CPU); fp16 = fp16 autocast (CUDA); "
+                                  "with bf16 and fp16 the weights are kept in that type too (half the memory) "
                                   "(default: %(default)s)")),
     ]
     after = after or {}

@@ -117,11 +117,16 @@ def check_image_size(geometry: ModelGeometry, H: int, W: int) -> None:
                                  f"{value}")
 
 
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def load_model(config: DictConfig, ckpt: str, device: torch.device,
-               embedding_paths: Optional[Sequence[str]] = None) -> Any:
-    """The model of `config` with the weights of `ckpt` on `device`, with textual-inversion embeddings attached."""
+               embedding_paths: Optional[Sequence[str]] = None, precision: str = "full") -> Any:
+    """The model of `config` with the weights of `ckpt` on `device`, with textual-inversion embeddings attached.
+    With precision 'fp16' or 'bf16' the weights are stored in that type (the noise schedule stays float32);
+    otherwise in float32, as the original keeps them under autocast."""
     logger.info("loading model from %s", ckpt)
-    model = load_model_from_config(config, ckpt, device=device)
+    model = load_model_from_config(config, ckpt, device=device, dtype=WEIGHT_DTYPES.get(precision))
     if embedding_paths:
         try:
             from ldm.modules.embedding_manager import attach_embeddings

@@ -85,7 +85,7 @@ def open_session(opt: argparse.Namespace, config: DictConfig) -> Session:
         check_compile_available(device)
     # With --lowvram the model loads into CPU memory, and only its small rest moves to the device now.
     cpu = torch.device("cpu")
-    model = load_model(config, opt.ckpt, cpu if opt.lowvram else device, opt.embedding_path)
+    model = load_model(config, opt.ckpt, cpu if opt.lowvram else device, opt.embedding_path, opt.precision)
     if opt.lowvram:
         enable_offload(model, device)
     if opt.tiled_decode:
