@@ -4,16 +4,12 @@ Images are read back with the same analysis as scripts/evaluate_demo.py."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ldm.data.shapes import ShapeSpec, render
 from ldm.data.shapes_analysis import read_image
-from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG, DEMO_EMBEDDING
+from ldm.demo import DEMO_EMBEDDING
 from tests.cli_support import run_script, sample_names
-
-pytestmark = pytest.mark.skipif(not (DEMO_CONFIG.is_file() and DEMO_CHECKPOINT.is_file()),
-                                reason="the demo model is not in models/demo")
 
 PROMPTS = [
     ("red", "circle", "blue"),
@@ -40,7 +36,7 @@ def test_txt2img_renders_the_prompted_colours_and_shapes(tmp_path):
     assert len(seen) == len(PROMPTS)
     assert [s[0] for s in seen] == [p[0] for p in PROMPTS], seen
     assert [s[2] for s in seen] == [p[2] for p in PROMPTS], seen
-    assert sum(s[1] == p[1] for s, p in zip(seen, PROMPTS)) >= len(PROMPTS) - 2, seen  # shapes: 85 % over 200 prompts
+    assert sum(s[1] == p[1] for s, p in zip(seen, PROMPTS)) >= len(PROMPTS) - 1, seen  # shapes: 98.5 % over 200 prompts
 
 
 def test_img2img_at_strength_half_keeps_the_layout(tmp_path):
@@ -61,7 +57,6 @@ def test_img2img_at_strength_half_keeps_the_layout(tmp_path):
         assert overlap > 0.6, f"the shape moved: overlap {overlap:.2f}"
 
 
-@pytest.mark.skipif(not DEMO_EMBEDDING.is_file(), reason="the demo embedding is not in models/demo")
 def test_learned_embedding_renders_its_concept(tmp_path):
     result = run_script("txt2img.py", "--demo", "--embedding_path", DEMO_EMBEDDING, "--prompt", "a photo of *",
                         "--n_samples", 6, "--n_iter", 1, "--outdir", tmp_path / "out", "--seed", 42, "--skip_grid",
@@ -70,4 +65,4 @@ def test_learned_embedding_renders_its_concept(tmp_path):
     seen = readings(tmp_path / "out")
     hits = sum(r.color == "purple" and r.shape == "star" for r in seen)
     assert all(r.color == "purple" for r in seen), [(r.color, r.shape) for r in seen]
-    assert hits >= 3, [(r.color, r.shape) for r in seen]  # about 60 % over 100 seeds; 0 % before training
+    assert hits >= 5, [(r.color, r.shape) for r in seen]  # 96 % over 200 seeds; 0 % for the words before
