@@ -210,16 +210,24 @@ def test_watermark_decodes_from_a_saved_image(tmp, ckpt):
 
 def test_ctrl_c_keeps_the_images_already_saved(tmp, ckpt):
     outdir = tmp / "interrupted"
-    process = subprocess.Popen([sys.executable, str(SCRIPTS / "txt2img.py"), *FAST, "--ckpt", str(ckpt),
-                                "--outdir", str(outdir), "--n_samples", "1", "--n_iter", "500",
-                                "--no_safety_checker"],
-                               cwd=tmp, env=script_env(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (outdir / "samples" / "00001.png").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    # Output goes to files, not pipes that nobody reads until the end, and SIGINT gets its default
+    # disposition in the child as under a terminal, whatever this test process inherited.
+    with open(tmp / "ctrl-c.out", "w+") as out, open(tmp / "ctrl-c.err", "w+") as err:
+        process = subprocess.Popen([sys.executable, str(SCRIPTS / "txt2img.py"), *FAST, "--ckpt", str(ckpt),
+                                    "--outdir", str(outdir), "--n_samples", "1", "--n_iter", "500",
+                                    "--no_safety_checker"], cwd=tmp, env=script_env(tmp), stdout=out, stderr=err,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.monotonic() + 60
+        while (not (outdir / "samples" / "00001.png").exists() and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    assert process.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr and "interrupted" in stdout
     names = sample_names(outdir)
     assert 2 <= len(names) < 500 and names == [f"{i:05}.png" for i in range(len(names))]
