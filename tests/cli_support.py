@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from PIL import Image
@@ -16,6 +18,14 @@ from tests.model_factory import REPO_DIR, TINY_SD_CONFIG, random_tiny_model
 
 SCRIPTS = REPO_DIR / "scripts"
 FAST = ["--config", str(TINY_SD_CONFIG), "--H", "64", "--W", "64", "--ddim_steps", "2"]
+
+
+def load_script(name: str) -> ModuleType:
+    """The module of `scripts/<name>`, imported from its file (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_tiny_checkpoint(path: Path, seed: int = 3) -> Path:

@@ -1,21 +1,18 @@
 """scripts/benchmark.py on the tiny model: every part runs, prints its table and writes JSON."""
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from tests.model_factory import REPO_DIR, TINY_SD_CONFIG
+from tests.cli_support import load_script
+from tests.model_factory import TINY_SD_CONFIG
 
 pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO_DIR / "scripts" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark.py")
 
 
 @pytest.fixture(autouse=True)

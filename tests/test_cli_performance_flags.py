@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from collections import Counter
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ from ldm.cli.runtime import compile_unet, enable_tiled_decode
 from ldm.errors import UserInputError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.offload import enable_offload
-from tests.cli_support import SCRIPTS, parameters, pixels, run_script, write_tiny_checkpoint
+from tests.cli_support import load_script, parameters, pixels, run_script, write_tiny_checkpoint
 from tests.model_factory import TINY_SD_CONFIG, random_tiny_model, tiny_config
 
 PARTS = ("cond_stage_model", "model.diffusion_model", "first_stage_model")
@@ -160,16 +159,9 @@ def test_original_flags_helper_rejects_unknown_names():
         add_original_sampling_arguments(argparse.ArgumentParser(), OriginalDefaults(1, 1, 1.0, "x", {"H": "y"}))
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ["txt2img.py", "img2img.py"])
 def test_both_scripts_have_the_performance_flags(name):
-    parser = _load_script(name).build_parser()
+    parser = load_script(name).build_parser()
     flags = {option: action for action in parser._actions for option in action.option_strings}
     for flag in ("--tiled_decode", "--lowvram", "--compile"):
         assert flags[flag].default is False and len(flags[flag].help) > 40

@@ -3,8 +3,6 @@ PNG parameters, seeds, samplers, --from-file, --fixed_code, --demo, the watermar
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import signal
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm.cli.outputs import parse_infotext
 from ldm.cli.watermark import WATERMARK, read_watermark
-from tests.cli_support import (FAST, SCRIPTS, parameters, pixels, run_script, sample_names, script_env,
+from tests.cli_support import (FAST, SCRIPTS, load_script, parameters, pixels, run_script, sample_names, script_env,
                                write_tiny_checkpoint)
 from tests.model_factory import TINY_SD_CONFIG
 
@@ -235,32 +233,25 @@ def test_ctrl_c_keeps_the_images_already_saved(tmp, ckpt):
         assert pixels(outdir / "samples" / name).shape == (64, 64, 3)
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), SCRIPTS / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("name", ["txt2img.py", "img2img.py"])
 def test_help_describes_every_flag(name):
-    parser = _load_script(name).build_parser()
+    parser = load_script(name).build_parser()
     for action in parser._actions:
         assert action.help and len(action.help) > 10, action.option_strings
 
 
 def test_original_flags_and_defaults():
-    opt = _load_script("txt2img.py").parse_args([])
+    opt = load_script("txt2img.py").parse_args([])
     assert (opt.prompt, opt.outdir, opt.ddim_steps, opt.ddim_eta, opt.n_iter, opt.H, opt.W, opt.C, opt.f,
             opt.n_samples, opt.n_rows, opt.scale, opt.seed, opt.precision, opt.config, opt.ckpt, opt.sampler) == (
         "a painting of a virus monster playing guitar", "outputs/txt2img-samples", 50, 0.0, 2, 512, 512, 4, 8, 3,
         0, 7.5, 42, "autocast", "configs/stable-diffusion/v1-inference.yaml",
         "models/ldm/stable-diffusion-v1/model.ckpt", "ddim")
-    laion = _load_script("txt2img.py").parse_args(["--laion400m", "--dpm_solver"])
+    laion = load_script("txt2img.py").parse_args(["--laion400m", "--dpm_solver"])
     assert (laion.config, laion.ckpt, laion.outdir, laion.sampler) == (
         "configs/latent-diffusion/txt2img-1p4B-eval.yaml", "models/ldm/text2img-large/model.ckpt",
         "outputs/txt2img-samples-laion400m", "dpm_solver")
-    img = _load_script("img2img.py").parse_args(["--init-img", "x.png"])
+    img = load_script("img2img.py").parse_args(["--init-img", "x.png"])
     assert (img.outdir, img.scale, img.strength, img.n_iter, img.n_samples, img.ddim_steps) == (
         "outputs/img2img-samples", 5.0, 0.75, 1, 2, 50)
 

@@ -4,7 +4,6 @@ attach_embeddings' errors."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from ldm.errors import UserInputError
 from ldm.modules.embedding_manager import (PROGRESSIVE_SCALE, EmbeddingManager, attach_embeddings,
                                            read_embedding_file)
 from ldm.util import instantiate_from_config
-from tests.model_factory import REPO_DIR, random_tiny_model, tiny_config
+from tests.cli_support import load_script
+from tests.model_factory import random_tiny_model, tiny_config
 
 WIDTH = 32  # the tiny CLIP's width
 
@@ -268,10 +268,7 @@ def test_bad_placeholders_and_initializer_words(model, params, message):
 
 
 def merge_script():
-    spec = importlib.util.spec_from_file_location("merge_embeddings", REPO_DIR / "scripts" / "merge_embeddings.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("merge_embeddings.py").main
 
 
 @pytest.mark.parametrize("rename, placeholders", [([], None), (["&"], ["*", "@", "&"]), (["two words"], None),
