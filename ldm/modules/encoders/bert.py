@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.errors import UserInputError
+from ldm.errors import UserInputError, first_line
 
 DEFAULT_BERT_VERSION = "bert-base-uncased"
 BERT_VOCAB_ENV = "LDM_BERT_VOCAB"
@@ -89,7 +89,7 @@ def _load_bert_tokenizer(source: Optional[str | os.PathLike]) -> Any:
         try:
             tokenizer, reason = BertTokenizerFast.from_pretrained(DEFAULT_BERT_VERSION), "not in the cache (offline?)"
         except OSError as error:
-            tokenizer, reason = None, (str(error).strip().splitlines() or [type(error).__name__])[0]
+            tokenizer, reason = None, first_line(error)
     if tokenizer is None or tokenizer.vocab_size <= len(tokenizer.all_special_ids):
         raise UserInputError(f"cannot load the {DEFAULT_BERT_VERSION} tokenizer ({reason}); download it once with "
                              f"network access, or set {BERT_VOCAB_ENV} to its vocab.txt")
