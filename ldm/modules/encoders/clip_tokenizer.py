@@ -106,13 +106,17 @@ class CLIPTokenizer:
         self.eot_token_id = EOT_TOKEN_ID
         self.vocab_size = VOCAB_SIZE
 
+    @functools.cached_property
+    def _tables(self) -> _BPETables:
+        return _read_tables(self.path)
+
     @property
     def encoder(self) -> dict[str, int]:
-        return _read_tables(self.path).encoder
+        return self._tables.encoder
 
     @property
     def bpe_ranks(self) -> dict[str, int]:
-        return _read_tables(self.path).bpe_ranks
+        return self._tables.bpe_ranks
 
     @functools.cached_property
     def decoder(self) -> dict[int, str]:
