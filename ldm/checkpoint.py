@@ -11,12 +11,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-import json
 import logging
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -26,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm.errors import CheckpointError, first_line
+from ldm.safetensors_mmap import SafetensorsFormatError, load_mapped
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -91,18 +91,12 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        header_length = struct.unpack("<Q", handle.read(8))[0]
-        if header_length > size - 8:
-            raise CheckpointError(f"cannot read {path}: the .safetensors file is truncated; download it again")
-        try:
-            header = json.loads(handle.read(header_length))
-        except ValueError as error:
-            raise CheckpointError(f"cannot read {path}: the .safetensors header is corrupt; download it again") from error
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + header_length + end > size:
-        raise CheckpointError(f"cannot read {path}: the .safetensors file is truncated; download it again")
+    try:
+        tensors = load_mapped(path)
+    except SafetensorsFormatError as error:
+        raise CheckpointError(f"cannot read {path}: {error}; download it again") from error
+    if tensors is not None:
+        return tensors
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
@@ -167,7 +161,7 @@ def no_weight_init() -> Iterator[None]:
     often computed, e.g. the noise schedule)."""
     classes = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm,
                nn.GroupNorm]
-    saved = {cls: cls.__dict__.get("reset_parameters") for cls in classes}
+    saved = {cls: (cls.__dict__["__init__"], cls.__dict__.get("reset_parameters")) for cls in classes}
     register_parameter = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
@@ -175,18 +169,27 @@ def no_weight_init() -> Iterator[None]:
             param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
         register_parameter(module, name, param)
 
+    def built_on_meta(init: Any) -> Any:
+        @functools.wraps(init)
+        def build(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("device", "meta")
+            init(self, *args, **kwargs)
+        return build
+
     try:
         nn.Module.register_parameter = register_on_meta
-        for cls in classes:
+        for cls, (init, _) in saved.items():
+            cls.__init__ = built_on_meta(init)
             cls.reset_parameters = lambda self: None
         yield
     finally:
         nn.Module.register_parameter = register_parameter
-        for cls, method in saved.items():
-            if method is None:
+        for cls, (init, reset_parameters) in saved.items():
+            cls.__init__ = init
+            if reset_parameters is None:
                 delattr(cls, "reset_parameters")
             else:
-                cls.reset_parameters = method
+                cls.reset_parameters = reset_parameters
 
 
 def materialise_missing(model: nn.Module) -> list[str]:
@@ -247,7 +250,9 @@ def load_state_dict_into(model: nn.Module, source: str | os.PathLike | Mapping[s
     if strip_prefix:
         state_dict = {k[len(strip_prefix):]: v for k, v in state_dict.items() if k.startswith(strip_prefix)}
     state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in ignore_prefixes)}
-    own = model.state_dict(keep_vars=True)
+    slots = _tensor_slots(model)
+    own = {key: getattr(module, "_parameters" if is_parameter else "_buffers")[name]
+           for key, (module, name, is_parameter) in slots.items()}
     state_dict = normalize_state_dict(state_dict, own.keys())
     if not getattr(model, "use_ema", False):
         dropped = [k for k in state_dict if k.startswith("model_ema.")]
@@ -270,30 +275,43 @@ def load_state_dict_into(model: nn.Module, source: str | os.PathLike | Mapping[s
                       for k, v in state_dict.items() if k in own}
     built_empty = any(t.is_meta for t in own.values())
     if assign or built_empty:
-        missing, unexpected = _assign_tensors(model, own, state_dict)
+        missing, unexpected = _assign_tensors(slots, own, state_dict)
     else:
         result = model.load_state_dict(state_dict, strict=False)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
         logger.warning("%d keys missing from %s (initialised afresh): %s", len(missing), name, _describe(missing))
-    if built_empty:
+    if built_empty and any(own[k].is_meta for k in missing):
         _initialise_missing(model)
     if unexpected:
         logger.warning("%d unexpected keys in %s (ignored): %s", len(unexpected), name, _describe(unexpected))
     return missing, unexpected
 
 
-def _assign_tensors(model: nn.Module, own: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]
-                    ) -> tuple[list[str], list[str]]:
-    """`load_state_dict(assign=True)` without its per-module overhead (no module here customises loading):
-    the checkpoint's tensors become the model's, parameters keep their `requires_grad`."""
-    modules = dict(model.named_modules())
+def _tensor_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str, bool]]:
+    """Where each state-dict entry lives: key -> (owning module, attribute name, is a parameter). The keys are
+    those of `model.state_dict()` (no module here customises it), found in one walk."""
+    slots = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = prefix + "." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                slots[dot + name] = (module, name, True)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                slots[dot + name] = (module, name, False)
+    return slots
+
+
+def _assign_tensors(slots: Mapping[str, tuple[nn.Module, str, bool]], own: Mapping[str, torch.Tensor],
+                    state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """`load_state_dict(assign=True)` without its per-module overhead: the checkpoint's tensors become the
+    model's, parameters keep their `requires_grad`."""
     for key, value in state_dict.items():
-        if key not in own:
+        if key not in slots:
             continue
-        owner, _, name = key.rpartition(".")
-        module = modules[owner]
-        if name in module._parameters:
+        module, name, is_parameter = slots[key]
+        if is_parameter:
             module._parameters[name] = nn.Parameter(value, requires_grad=own[key].requires_grad)
         else:
             module._buffers[name] = value
@@ -356,7 +374,9 @@ def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], devic
         if verbose:
             logger.info("missing keys: %s; unexpected keys: %s", missing, unexpected)
     _cast_weights(model, dtype)
-    model.to(device)
+    device = torch.device(device)
+    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
+        model.to(device)
     if eval_mode:
         model.eval()
     return model
