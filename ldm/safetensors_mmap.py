@@ -50,8 +50,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     return header, HEADER_LENGTH_BYTES + header_length
 
 
-def _checked_entries(header: dict[str, Any], data_bytes: int) -> Optional[list[tuple[str, torch.dtype, list[int], int]]]:
-    """(name, dtype, shape, begin) for every tensor, or None when some tensor has a dtype this reader does not
+def _checked_entries(header: dict[str, Any], data_bytes: int
+                     ) -> Optional[list[tuple[str, torch.dtype, list[int], int, int]]]:
+    """(name, dtype, shape, begin, end) for every tensor, or None when some tensor has a dtype this reader does not
     map. Raises `SafetensorsFormatError` when the entries contradict each other or the file's size."""
     entries = []
     spans = []
@@ -72,7 +73,7 @@ def _checked_entries(header: dict[str, Any], data_bytes: int) -> Optional[list[t
             raise SafetensorsFormatError("the file is truncated")
         if end - begin != math.prod(shape) * itemsize:
             raise SafetensorsFormatError(f"the size of {name} does not match its shape")
-        entries.append((name, dtype, list(shape), begin))
+        entries.append((name, dtype, list(shape), begin, end))
         spans.append((begin, end))
     spans.sort()
     if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
@@ -97,11 +98,11 @@ def load_mapped(path: str | os.PathLike) -> Optional[dict[str, torch.Tensor]]:
     entries = _checked_entries(header, size - data_start)
     if entries is None or sys.byteorder != "little":
         return None
-    if any((data_start + begin) % dtype.itemsize for _, dtype, _, begin in entries):
+    if any((data_start + begin) % dtype.itemsize for _, dtype, _, begin, _ in entries):
         return None
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size) if size else torch.UntypedStorage()
-    tensors = {}
-    for name, dtype, shape, begin in entries:
-        tensors[name] = torch.empty(0, dtype=dtype).set_(storage, (data_start + begin) // dtype.itemsize, shape,
-                                                         _strides(shape))
-    return tensors
+    mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    # Each tensor gets its own storage (a slice of the mapping): saving one saves its bytes only, and savers
+    # that refuse tensors sharing memory accept them.
+    return {name: torch.empty(0, dtype=dtype).set_(mapping[data_start + begin:data_start + end], 0, shape,
+                                                   _strides(shape))
+            for name, dtype, shape, begin, end in entries}

@@ -53,6 +53,20 @@ def test_writing_to_a_tensor_leaves_the_file_alone(tmp_path, tensors):
     assert torch.equal(load_mapped(path)["weight"], tensors["weight"])
 
 
+def test_each_tensor_has_its_own_storage(tmp_path, tensors):
+    """Saving part of a loaded model writes that part only, and safetensors accepts the tensors again."""
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    mapped = load_mapped(path)
+    assert mapped["half"].untyped_storage().nbytes() == tensors["half"].numel() * 2
+    saved = tmp_path / "half.pt"
+    torch.save({"half": mapped["half"]}, saved)
+    assert saved.stat().st_size < 2000
+    again = tmp_path / "again.safetensors"
+    save_file(mapped, str(again))
+    assert torch.equal(load_file(str(again))["weight"], tensors["weight"])
+
+
 def test_misaligned_data_is_left_to_the_library(tmp_path):
     data = b"\x01" + struct.pack("<f", 1.5)
     header = {"byte": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
