@@ -316,6 +316,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {"seconds": seconds, "rss_before_mib": rss_before / 1024,
                               "peak_rss_mib": _status_kib("VmHWM") / 1024, "peak_is_of_load": reset}
+    if job["kind"] == "decode":
+        result.update(decode_once(job["impl"], loaded, job["resolution"], job["tiled"], device))
     if job["kind"] == "render":
         result["peak_rss_process_mib"] = result.pop("peak_rss_mib")
         if job["impl"] == "ours" and job["lowvram"]:
@@ -335,6 +337,38 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
         if device.type == "cuda":
             result["max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     return result
+
+
+TILE_LATENT, TILE_OVERLAP = 64, 16  # 512-pixel tiles overlapping by a quarter: diffusers' default for SD v1
+
+
+@torch.no_grad()
+def decode_once(impl: str, loaded: Any, resolution: int, tiled: bool, device: torch.device) -> dict[str, float]:
+    """Decode one random `resolution`² latent (tile by tile if `tiled`, with the same tiles in both
+    implementations); the time and the memory the decode adds (RSS high-water mark, CUDA: allocated)."""
+    if impl == "ours":
+        vae = loaded.first_stage_model.to(device)
+        if tiled:
+            vae.enable_tiling(TILE_LATENT, TILE_OVERLAP)
+    else:
+        vae = loaded[1].to(device)
+        if tiled:
+            vae.enable_tiling()
+            vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_LATENT * 8, TILE_LATENT
+            vae.tile_overlap_factor = TILE_OVERLAP / TILE_LATENT
+    z = torch.randn(1, 4, resolution // 8, resolution // 8, generator=torch.Generator().manual_seed(3)).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        _reset_peak_rss()
+        before = _status_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    vae.decode(z) if impl == "ours" else vae.decode(z).sample
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_kib("VmHWM") * 1024
+    return {"decode_seconds": seconds, "decode_peak_increase_mib": (peak - before) / 2 ** 20}
 
 
 def build_pipeline(parts: tuple[torch.nn.Module, ...], device: torch.device) -> Any:
@@ -403,6 +437,19 @@ def memory_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[
 
 # --- report --------------------------------------------------------------------------------------------------
 
+def tiled_decode_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A `--tiled_decode_resolution`² latent decoded tile by tile by ours and by diffusers, and whole by ours
+    (the memory the tiling saves), each in a fresh process."""
+    job = {"kind": "decode", "checkpoint": str(path), "config": str(config_path), "device": args.device,
+           "resolution": args.tiled_decode_resolution, "threads": args.threads}
+    results = {name: run_worker({**job, "impl": impl, "tiled": tiled})
+               for name, impl, tiled in (("ours", "ours", True), ("diffusers", "diffusers", True),
+                                         ("ours_whole", "ours", False))}
+    return {"measure": "VAE decode, tiled", "resolution": args.tiled_decode_resolution, "batch": 1,
+            **{name: [results[name]["decode_seconds"]] for name in IMPLEMENTATIONS},
+            "peak_increase_mib": {name: result["decode_peak_increase_mib"] for name, result in results.items()}}
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -414,10 +461,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         size = f"{row['resolution']}x{row['batch']}" if "resolution" in row else ""
         if isinstance(row.get("ours"), list):
             ours, theirs = median(row["ours"]), median(row["diffusers"])
-            note = (f"rel. diff {row['relative_difference']:.1e}" if "relative_difference" in row else
-                    "peak RSS +{ours:.0f}/+{theirs:.0f} MiB of {w:.0f} MiB weights".format(
-                        w=row["weights_mib"], **{"ours": row["peak_rss_increase_mib"]["ours"],
-                                                 "theirs": row["peak_rss_increase_mib"]["diffusers"]}))
+            note = _note(row)
             lines.append(f"{row['measure']:<34} {size:>9} {ours:>9.3f}s {theirs:>9.3f}s {ours / theirs:>7.2f}  {note}")
         else:
             key = "max_memory_allocated_mib" if "max_memory_allocated_mib" in row["ours"] else "peak_rss_process_mib"
@@ -427,6 +471,16 @@ def table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{row['measure']:<34} {size:>9} {ours:>7.0f}MiB {theirs:>7.0f}MiB {ours / theirs:>7.2f}  "
                          f"{note}")
     return "\n".join(lines)
+
+
+def _note(row: dict[str, Any]) -> str:
+    if "relative_difference" in row:
+        return f"rel. diff {row['relative_difference']:.1e}"
+    if "peak_increase_mib" in row:
+        peak = row["peak_increase_mib"]
+        return f"peak +{peak['ours']:.0f}/+{peak['diffusers']:.0f} MiB (ours untiled +{peak['ours_whole']:.0f} MiB)"
+    peak = row["peak_rss_increase_mib"]
+    return f"peak RSS +{peak['ours']:.0f}/+{peak['diffusers']:.0f} MiB of {row['weights_mib']:.0f} MiB weights"
 
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
@@ -483,6 +537,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--lowvram", action="store_true",
                         help="our peak-memory render with the txt2img --lowvram offloading (parts visit the device "
                              "one at a time); diffusers keeps its whole pipeline on the device")
+    parser.add_argument("--tiled_decode_resolution", type=int, default=0,
+                        help="also decode one latent of this image size tile by tile (ours and diffusers) and "
+                             "untiled (ours), e.g. 1024; slow on a CPU, so off by default")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -507,7 +564,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             model = build_random_model(config_path)
         weights_mib = sum(v.numel() * v.element_size() for v in model.state_dict().values()) / 2 ** 20
-        paths = write_checkpoints(model, Path(folder)) if {"load", "memory"} - skip else {}
+        paths = (write_checkpoints(model, Path(folder)) if {"load", "memory"} - skip or args.tiled_decode_resolution
+                 else {})
         model.to(device)
         if "unet" not in skip:
             for name in dtypes:
@@ -524,6 +582,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.extend(load_rows(paths, config_path, args, weights_mib))
         if "memory" not in skip:
             rows.append(memory_row(paths["safetensors"], config_path, args))
+        if args.tiled_decode_resolution:
+            rows.append(tiled_decode_row(paths["safetensors"], config_path, args))
     report = {"environment": environment(device, args.threads), "rows": rows}
     print()
     print(json.dumps(report["environment"]))

@@ -58,3 +58,15 @@ def test_compiled_rows_are_labelled(benchmark, monkeypatch, tmp_path):
                     "--dtypes", "fp32", "--skip", "txt2img,load,memory", "--compile", "--json", str(out)])
     assert [row["measure"] for row in json.loads(out.read_text())["rows"]] == ["UNet step fp32 (ours compiled)"]
     assert len(compiled) == 1
+
+
+def test_tiled_decode_row(benchmark, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--tiny", "--threads", "1", "--skip", "unet,txt2img,load,memory", "--tiled_decode_resolution",
+                    "640", "--json", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["measure"] == "VAE decode, tiled" and row["resolution"] == 640
+    assert row["ours"][0] > 0 and row["diffusers"][0] > 0
+    assert set(row["peak_increase_mib"]) == {"ours", "diffusers", "ours_whole"}
+    assert all(peak > 0 for peak in row["peak_increase_mib"].values())
+    assert "ours untiled" in capsys.readouterr().out
