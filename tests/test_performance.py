@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.models.tiled_decode import tile_starts, tiled_decode
+from ldm.models.tiled_decode import tile_layout, tiled_decode
 from ldm.modules.diffusionmodules import util
 from tests.model_factory import random_tiny_model
 
@@ -52,12 +52,16 @@ def test_bf16_on_a_cpu_without_bf16_runs_in_fp32_and_returns_bf16(monkeypatch):
 
 
 def test_tiles_cover_the_latent_with_the_overlap():
-    assert tile_starts(48, 64, 16) == [0]
-    assert tile_starts(128, 64, 16) == [0, 48, 64]
-    for length, tile, overlap in ((100, 32, 8), (33, 16, 4)):
-        starts = tile_starts(length, tile, overlap)
-        assert starts[0] == 0 and starts[-1] + tile == length
-        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+    assert tile_layout(48, 64, 16) == ([0], 48)
+    # A 1024-pixel image: three tiles of 54 latent pixels per side, not three of 64 (or a thin last one).
+    assert tile_layout(128, 64, 16) == ([0, 37, 74], 54)
+    for length in range(17, 300):
+        for tile, overlap in ((64, 16), (32, 8), (16, 4), (24, 23)):
+            starts, size = tile_layout(length, tile, overlap)
+            assert size <= tile and starts[0] == 0 and starts[-1] + size == length
+            assert all(overlap <= a + size - b for a, b in zip(starts, starts[1:]))
+            # The fewest tiles: one fewer could not cover the length with this overlap.
+            assert len(starts) == 1 or (len(starts) - 1) * (tile - overlap) + overlap < length
 
 
 def test_blending_of_a_local_decoder_is_exact():
