@@ -435,8 +435,6 @@ def memory_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[
             "batch": 1, **results}
 
 
-# --- report --------------------------------------------------------------------------------------------------
-
 def tiled_decode_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """A `--tiled_decode_resolution`² latent decoded tile by tile by ours and by diffusers, and whole by ours
     (the memory the tiling saves), each in a fresh process."""
@@ -449,6 +447,8 @@ def tiled_decode_row(path: Path, config_path: Path, args: argparse.Namespace) ->
             **{name: [results[name]["decode_seconds"]] for name in IMPLEMENTATIONS},
             "peak_increase_mib": {name: result["decode_peak_increase_mib"] for name, result in results.items()}}
 
+
+# --- report --------------------------------------------------------------------------------------------------
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
