@@ -13,7 +13,6 @@ import math
 import os
 import struct
 import sys
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -31,8 +30,8 @@ class SafetensorsFormatError(ValueError):
     """The file breaks the format's rules (truncated, corrupt header, overlapping or misdescribed tensors)."""
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
-    """The JSON header and the offset of the data that follows it."""
+def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int, int]:
+    """The JSON header, the offset of the data that follows it, and the file's size."""
     size = os.path.getsize(path)
     with open(path, "rb") as handle:
         raw_length = handle.read(HEADER_LENGTH_BYTES)
@@ -47,7 +46,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
             raise SafetensorsFormatError("the header is corrupt") from error
     if not isinstance(header, dict):
         raise SafetensorsFormatError("the header is not a JSON object")
-    return header, HEADER_LENGTH_BYTES + header_length
+    return header, HEADER_LENGTH_BYTES + header_length, size
 
 
 def _checked_entries(header: dict[str, Any], data_bytes: int
@@ -55,7 +54,6 @@ def _checked_entries(header: dict[str, Any], data_bytes: int
     """(name, dtype, shape, begin, end) for every tensor, or None when some tensor has a dtype this reader does not
     map. Raises `SafetensorsFormatError` when the entries contradict each other or the file's size."""
     entries = []
-    spans = []
     for name, entry in header.items():
         if name == METADATA_KEY:
             continue
@@ -68,33 +66,22 @@ def _checked_entries(header: dict[str, Any], data_bytes: int
         dtype = DTYPES[dtype_name]
         if not (isinstance(begin, int) and isinstance(end, int) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise SafetensorsFormatError(f"the header entry of {name} is malformed")
-        itemsize = dtype.itemsize
         if not 0 <= begin <= end <= data_bytes:
             raise SafetensorsFormatError("the file is truncated")
-        if end - begin != math.prod(shape) * itemsize:
+        if end - begin != math.prod(shape) * dtype.itemsize:
             raise SafetensorsFormatError(f"the size of {name} does not match its shape")
         entries.append((name, dtype, list(shape), begin, end))
-        spans.append((begin, end))
-    spans.sort()
+    spans = sorted((begin, end) for *_, begin, end in entries)
     if any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])):
         raise SafetensorsFormatError("two tensors overlap")
     return entries
-
-
-def _strides(shape: list[int]) -> list[int]:
-    strides = [1] * len(shape)
-    for i in range(len(shape) - 2, -1, -1):
-        strides[i] = strides[i + 1] * shape[i + 1]
-    return strides
 
 
 def load_mapped(path: str | os.PathLike) -> Optional[dict[str, torch.Tensor]]:
     """Every tensor of the file as a view of one private memory mapping, or None where this fast path does not
     apply (a big-endian machine, a dtype it does not map, data not aligned to its element size); the caller then
     reads the file with the safetensors library. Raises `SafetensorsFormatError` for a broken file."""
-    path = Path(path)
-    header, data_start = read_header(path)
-    size = path.stat().st_size
+    header, data_start, size = read_header(path)
     entries = _checked_entries(header, size - data_start)
     if entries is None or sys.byteorder != "little":
         return None
@@ -103,6 +90,5 @@ def load_mapped(path: str | os.PathLike) -> Optional[dict[str, torch.Tensor]]:
     mapping = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
     # Each tensor gets its own storage (a slice of the mapping): saving one saves its bytes only, and savers
     # that refuse tensors sharing memory accept them.
-    return {name: torch.empty(0, dtype=dtype).set_(mapping[data_start + begin:data_start + end], 0, shape,
-                                                   _strides(shape))
+    return {name: torch.empty(0, dtype=dtype).set_(mapping[data_start + begin:data_start + end], 0, shape)
             for name, dtype, shape, begin, end in entries}
