@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.tiled_decode import tile_layout, tiled_decode
-from ldm.modules.diffusionmodules import util
+from ldm.modules.diffusionmodules import util, winograd
 from tests.model_factory import random_tiny_model
 
 
@@ -33,6 +33,40 @@ def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
     out = conv.upsampled(x)
     assert out.shape == reference.shape
     assert relative_error(out, reference) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tile", winograd.TILE_SIZES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last):
+    conv = util.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(3, 6, 11, 14)  # sides that are not multiples of the tile
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)  # one row of tiles per chunk
+    for bias in (conv.bias, None):
+        reference = F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1)
+        out = winograd.winograd_conv3x3(x, conv.weight, bias, tile)
+        assert out.shape == reference.shape
+        assert relative_error(out, reference) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("side,tile", [(32, 2), (64, 4)])
+def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, side, tile):
+    used = []
+
+    def recording(x, weight, bias, tile):
+        used.append(tile)
+        return winograd.winograd_conv3x3(x, weight, bias, tile)
+
+    monkeypatch.setattr(util, "winograd_conv3x3", recording)
+    conv = util.Conv2d(util.WINOGRAD_MIN_IN_CHANNELS, util.WINOGRAD_MIN_OUT_CHANNELS, 3, padding=1)
+    x = torch.randn(1, conv.in_channels, side, side).contiguous(memory_format=torch.channels_last)
+    assert relative_error(conv(x), reference_conv(conv, x)) < 1e-5
+    assert used == [tile]
+    util.Conv2d(conv.in_channels, 3, 3, padding=1)(x)  # too few output channels to gain: the direct kernel
+    assert used == [tile]
 
 
 @torch.no_grad()

@@ -15,10 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.winograd import winograd_conv3x3
+
 # 3x3 convolutions with at least this many input channels on at most this many pixels run as one matrix
 # product on the CPU: there oneDNN's direct kernel reaches about half the speed of the GEMM (measured on AVX2).
 GEMM_CONV_MIN_CHANNELS = 1280
 GEMM_CONV_MAX_PIXELS = 16 * 16
+# Other 3x3 convolutions on the CPU with at least this many input and output channels run by Winograd's
+# algorithm (see winograd.py): F(4x4, 3x3) on maps of at least WINOGRAD_F4_MIN_PIXELS, F(2x2, 3x3) on smaller
+# ones of at least WINOGRAD_F2_MIN_PIXELS. Below these sizes the transforms cost more than they save (AVX2).
+WINOGRAD_MIN_IN_CHANNELS = 256
+WINOGRAD_MIN_OUT_CHANNELS = 128
+WINOGRAD_F4_MIN_PIXELS = 64 * 64
+WINOGRAD_F2_MIN_PIXELS = 32 * 32
 # Nearest 2x upsampling followed by a 3x3 convolution runs as four 2x2 convolutions (one per output phase) on
 # feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate.
 PHASE_CONV_MIN_PIXELS = 32 * 32
@@ -173,7 +182,8 @@ def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters, same results within float rounding) with CPU fast paths.
 
-    Wide 3x3 convolutions on small feature maps run as one GEMM, `upsampled` fuses a nearest 2x upsampling
+    Wide 3x3 convolutions run as one GEMM on small feature maps and by Winograd's algorithm on large ones
+    (float32 on the CPU; see winograd.py), `upsampled` fuses a nearest 2x upsampling
     into the convolution, and bfloat16 maths on a CPU without bf16 instructions runs in float32
     (see `emulated_bf16`).
     """
@@ -198,11 +208,18 @@ class Conv2d(nn.Conv2d):
         return _upsampled_conv3x3(x, self.weight, self.bias)
 
     def _fp32_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if (x.device.type == "cpu" and self.kernel_size == (3, 3) and self.stride == (1, 1)
-                and self.padding == (1, 1) and self.dilation == (1, 1) and self.groups == 1
-                and self.in_channels >= GEMM_CONV_MIN_CHANNELS and x.shape[-2] * x.shape[-1] <= GEMM_CONV_MAX_PIXELS
-                and x.dtype == weight.dtype and weight.is_contiguous() and not torch.is_autocast_enabled("cpu")):
-            return _gemm_conv3x3(x, weight, bias)
+        if not (x.device.type == "cpu" and x.ndim == 4 and not torch.compiler.is_compiling()
+                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+            return self._conv_forward(x, weight, bias)
+        pixels = x.shape[-2] * x.shape[-1]
+        if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
+            return _gemm_conv3x3(x, weight.contiguous(), bias)
+        if self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS:
+            if pixels >= WINOGRAD_F4_MIN_PIXELS:
+                return winograd_conv3x3(x, weight, bias, tile=4)
+            if pixels >= WINOGRAD_F2_MIN_PIXELS:
+                return winograd_conv3x3(x, weight, bias, tile=2)
         return self._conv_forward(x, weight, bias)
 
 
