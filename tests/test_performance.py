@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.tiled_decode import tile_layout, tiled_decode
+from ldm.modules.attention import FeedForward
 from ldm.modules.diffusionmodules import util, winograd
 from tests.model_factory import random_tiny_model
 
@@ -67,6 +68,22 @@ def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, side, tile):
     assert used == [tile]
     util.Conv2d(conv.in_channels, 3, 3, padding=1)(x)  # too few output channels to gain: the direct kernel
     assert used == [tile]
+
+
+@pytest.mark.parametrize("glu", [True, False])
+def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
+    feed_forward = FeedForward(8, glu=glu)
+    x = torch.randn(2, 13, 8, requires_grad=True)
+    expected = feed_forward(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    calls = []
+    feed_forward.net.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    monkeypatch.setattr(FeedForward, "CHUNK_BYTES", 5 * feed_forward.widest * x.element_size())
+    out = feed_forward(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    assert calls == [5, 5, 5, 5, 5, 1]  # 26 tokens, at most 5 at a time
+    assert out.shape == expected.shape
+    assert relative_error(out, expected) < 1e-6 and relative_error(grad, expected_grad) < 1e-6
 
 
 @torch.no_grad()

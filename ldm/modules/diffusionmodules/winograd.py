@@ -24,8 +24,9 @@ _MATRICES = {
             AT=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
 TILE_SIZES = tuple(_MATRICES)
-# Each chunk's transformed input stays below this, so large maps need no large temporaries.
-CHUNK_BYTES = 32 << 20
+# Each chunk's transformed input and products stay below this, so large maps need no large temporaries (glibc
+# maps blocks of 32 MiB and more afresh on every allocation, and the kernel faults their pages in one by one).
+CHUNK_BYTES = 16 << 20
 
 Terms = Sequence[Sequence[tuple[int, float]]]
 
