@@ -68,6 +68,10 @@ def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, side, tile):
     assert used == [tile]
     util.Conv2d(conv.in_channels, 3, 3, padding=1)(x)  # too few output channels to gain: the direct kernel
     assert used == [tile]
+    with torch.enable_grad():  # training: autograd through the direct kernel
+        x.requires_grad_(True)
+        conv(x).sum().backward()
+    assert used == [tile] and x.grad is not None
 
 
 @pytest.mark.parametrize("glu", [True, False])

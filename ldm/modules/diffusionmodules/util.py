@@ -24,6 +24,7 @@ GEMM_CONV_MAX_PIXELS = 16 * 16
 # Other 3x3 convolutions on the CPU with at least this many input and output channels run by Winograd's
 # algorithm (see winograd.py): F(4x4, 3x3) on maps of at least WINOGRAD_F4_MIN_PIXELS, F(2x2, 3x3) on smaller
 # ones of at least WINOGRAD_F2_MIN_PIXELS. Below these sizes the transforms cost more than they save (AVX2).
+# It writes into preallocated tiles, so it runs only where autograd records nothing (inference).
 WINOGRAD_MIN_IN_CHANNELS = 256
 WINOGRAD_MIN_OUT_CHANNELS = 128
 WINOGRAD_F4_MIN_PIXELS = 64 * 64
@@ -215,7 +216,9 @@ class Conv2d(nn.Conv2d):
         pixels = x.shape[-2] * x.shape[-1]
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
             return _gemm_conv3x3(x, weight.contiguous(), bias)
-        if self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS:
+        recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if (not recording and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS
+                and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
             if pixels >= WINOGRAD_F4_MIN_PIXELS:
                 return winograd_conv3x3(x, weight, bias, tile=4)
             if pixels >= WINOGRAD_F2_MIN_PIXELS:
