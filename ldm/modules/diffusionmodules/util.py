@@ -211,7 +211,8 @@ class Conv2d(nn.Conv2d):
     def _fp32_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if not (x.device.type == "cpu" and x.ndim == 4 and not torch.compiler.is_compiling()
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and x.dtype == weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+                and self.dilation == (1, 1) and self.groups == 1 and x.dtype == weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu")):
             return self._conv_forward(x, weight, bias)
         pixels = x.shape[-2] * x.shape[-1]
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
