@@ -50,6 +50,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("ours", "diffusers")
+ORIGINAL_WORKER = REPO / "scripts" / "benchmark_original.py"
 COMPILED = " (ours compiled)"
 
 
@@ -401,8 +402,8 @@ def render_once(impl: str, model: Any, resolution: int, steps: int, device: torc
               latents=x_T, height=resolution, width=resolution, output_type="pt")
 
 
-def run_worker(job: dict[str, Any]) -> dict[str, Any]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+def run_worker(job: dict[str, Any], script: Path = Path(__file__).resolve()) -> dict[str, Any]:
+    command = [sys.executable, str(script), "--worker", json.dumps(job)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"worker {job['kind']}/{job['impl']} failed:\n{done.stderr[-3000:]}")
@@ -426,13 +427,18 @@ def load_rows(paths: dict[str, Path], config_path: Path, args: argparse.Namespac
     return rows
 
 
-def memory_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
-    results = {impl: run_worker({"kind": "render", "impl": impl, "checkpoint": str(path), "config": str(config_path),
-                                 "device": args.device, "resolution": args.resolution, "steps": args.memory_steps,
-                                 "lowvram": args.lowvram,
-                                 "threads": args.threads}) for impl in IMPLEMENTATIONS}
-    return {"measure": f"txt2img peak memory {args.memory_steps} step(s){' lowvram' if args.lowvram else ''}", "resolution": args.resolution,
-            "batch": 1, **results}
+def memory_row(paths: dict[str, Path], config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of a fresh process that loads the checkpoint and renders one image: ours and diffusers from
+    the `.safetensors`, and with `--original` the original code from the `.ckpt` (the format it reads)."""
+    job = {"kind": "render", "config": str(config_path), "device": args.device, "resolution": args.resolution,
+           "steps": args.memory_steps, "lowvram": args.lowvram, "threads": args.threads}
+    results = {impl: run_worker({**job, "impl": impl, "checkpoint": str(paths["safetensors"])})
+               for impl in IMPLEMENTATIONS}
+    if args.original is not None:
+        results["original"] = run_worker({**job, "impl": "original", "original": str(args.original),
+                                          "checkpoint": str(paths["ckpt"])}, ORIGINAL_WORKER)
+    return {"measure": f"txt2img peak memory {args.memory_steps} step(s){' lowvram' if args.lowvram else ''}",
+            "resolution": args.resolution, "batch": 1, **results}
 
 
 def tiled_decode_row(path: Path, config_path: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -468,6 +474,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             ours, theirs = row["ours"][key], row["diffusers"][key]
             note = (f"{key}; render only: {row['ours'].get('peak_rss_render_mib', 0):.0f} / "
                     f"{row['diffusers'].get('peak_rss_render_mib', 0):.0f} MiB")
+            if "original" in row:
+                note += f"; original {row['original'][key]:.0f} MiB, ours {ours / row['original'][key]:.2f}x"
             lines.append(f"{row['measure']:<34} {size:>9} {ours:>7.0f}MiB {theirs:>7.0f}MiB {ours / theirs:>7.2f}  "
                          f"{note}")
     return "\n".join(lines)
@@ -540,9 +548,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tiled_decode_resolution", type=int, default=0,
                         help="also decode one latent of this image size tile by tile (ours and diffusers) and "
                              "untiled (ours), e.g. 1024; slow on a CPU, so off by default")
+    parser.add_argument("--original", type=Path, default=None,
+                        help="a folder holding the original `ldm` package (a CompVis/stable-diffusion checkout, or "
+                             "`pip install --no-deps --target DIR stable-diffusion-sdkit`): the memory row then "
+                             "also measures the original code")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.original is not None and not (args.original / "ldm").is_dir():
+        parser.exit(2, f"error: --original {args.original} holds no `ldm` folder; give the folder that holds the "
+                       "original `ldm` package\n")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -581,7 +597,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if "load" not in skip:
             rows.extend(load_rows(paths, config_path, args, weights_mib))
         if "memory" not in skip:
-            rows.append(memory_row(paths["safetensors"], config_path, args))
+            rows.append(memory_row(paths, config_path, args))
         if args.tiled_decode_resolution:
             rows.append(tiled_decode_row(paths["safetensors"], config_path, args))
     report = {"environment": environment(device, args.threads), "rows": rows}

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from ldm.models.tiled_decode import tile_layout, tiled_decode
 from ldm.modules.attention import FeedForward
-from ldm.modules.diffusionmodules import util, winograd
+from ldm.modules.diffusionmodules import chunks, util, winograd
 from tests.model_factory import random_tiny_model
 
 
@@ -37,6 +37,17 @@ def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
 
 
 @torch.no_grad()
+def test_upsampled_conv_in_bands_of_rows_equals_the_whole(monkeypatch):
+    conv = util.Conv2d(6, 5, 3, padding=1)
+    x = torch.randn(2, 6, 33, 35).contiguous(memory_format=torch.channels_last)
+    whole = util._upsampled_conv3x3(x, conv.weight, conv.bias)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)  # one input row per band
+    banded = util._upsampled_conv3x3(x, conv.weight, conv.bias)
+    assert torch.equal(banded, whole)
+    assert relative_error(banded, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))) < 1e-5
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("tile", winograd.TILE_SIZES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last):
@@ -44,7 +55,7 @@ def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels
     x = torch.randn(3, 6, 11, 14)  # sides that are not multiples of the tile
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(winograd, "CHUNK_BYTES", 1)  # one row of tiles per chunk
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)  # one row of tiles per chunk
     for bias in (conv.bias, None):
         reference = F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1)
         out = winograd.winograd_conv3x3(x, conv.weight, bias, tile)
@@ -82,7 +93,7 @@ def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
     calls = []
     feed_forward.net.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
-    monkeypatch.setattr(FeedForward, "CHUNK_BYTES", 5 * feed_forward.widest * x.element_size())
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 5 * feed_forward.widest * x.element_size())
     out = feed_forward(x)
     (grad,) = torch.autograd.grad(out.square().sum(), x)
     assert calls == [5, 5, 5, 5, 5, 1]  # 26 tokens, at most 5 at a time

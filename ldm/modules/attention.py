@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules import chunks
 from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, Linear, checkpoint, emulated_bf16, zero_module
 
 
@@ -35,12 +36,10 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     """The transformer's position-wise feed-forward layer (Vaswani et al. 2017), gated by GEGLU when `glu`.
 
-    On the CPU, tokens go through in chunks whose widest intermediate stays under CHUNK_BYTES: glibc serves
-    larger blocks with fresh mappings whose pages the kernel faults in and zeroes on every call (unchunked, the
-    layers allocated about 1 GB of such memory per 512x512 UNet step). Each token's output is the same.
+    On the CPU, tokens go through in chunks whose widest intermediate stays under `chunks.CHUNK_BYTES`
+    (unchunked, the layers allocated about 1 GB of freshly mapped memory per 512x512 UNet step). Each token's
+    output is the same.
     """
-
-    CHUNK_BYTES = 16 << 20
 
     def __init__(self, dim: int, dim_out: Optional[int] = None, mult: int = 4, glu: bool = False,
                  dropout: float = 0.0):
@@ -52,7 +51,7 @@ class FeedForward(nn.Module):
         self.widest = 2 * inner_dim if glu else inner_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = max(1, self.CHUNK_BYTES // (self.widest * x.element_size()))
+        rows = chunks.rows_per_chunk(self.widest * x.element_size())
         if x.device.type != "cpu" or torch.compiler.is_compiling() or x.shape[:-1].numel() <= rows:
             return self.net(x)
         tokens = x.reshape(-1, x.shape[-1])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules.banded import norm_swish_conv
 from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, Linear, emulated_bf16
 
 
@@ -73,13 +74,15 @@ class ResnetBlock(nn.Module):
                 self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(nonlinearity(self.norm1(x)))
+        """Where autograd records nothing, large maps go through `norm_swish_conv` band by band and the residual
+        sum overwrites the block's own output: a 512² decode holds fewer full-resolution maps at once."""
+        h = norm_swish_conv(self.norm1, self.conv1, x)
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
+        h = norm_swish_conv(self.norm2, self.conv2, h, self.dropout)
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+        return x + h if torch.is_grad_enabled() else h.add_(x)
 
 
 class AttnBlock(nn.Module):
@@ -241,5 +244,5 @@ class Decoder(nn.Module):
                 h = up.upsample(h)
         if self.give_pre_end:
             return h.contiguous()
-        h = self.conv_out(nonlinearity(self.norm_out(h))).contiguous()
+        h = norm_swish_conv(self.norm_out, self.conv_out, h).contiguous()
         return torch.tanh(h) if self.tanh_out else h

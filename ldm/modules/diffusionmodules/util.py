@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules import chunks
 from ldm.modules.diffusionmodules.winograd import winograd_conv3x3
 
 # 3x3 convolutions with at least this many input channels on at most this many pixels run as one matrix
@@ -170,14 +171,24 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """conv3x3(nearest_upsample_2x(x)) (stride 1, padding 1) through `_phase_weight`; channels-last output."""
+    """conv3x3(nearest_upsample_2x(x)) (stride 1, padding 1) through `_phase_weight`; channels-last output.
+
+    A band of input rows at a time: each band's four phase maps stay under `chunks.CHUNK_BYTES` and go straight
+    into their places in the output, so the peak is the output plus one band."""
     b, _, h, w = x.shape
     out_channels = weight.shape[0]
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), _phase_weight(weight), None if bias is None else bias.repeat(4))
-    phases = phases.permute(0, 2, 3, 1).unflatten(-1, (2, 2, out_channels))  # [b, h+1, w+1, row, col, out]
-    out = torch.stack([torch.stack([phases[:, r:r + h, c:c + w, r, c] for c in (0, 1)], dim=3) for r in (0, 1)],
-                      dim=2)  # [b, h, 2, w, 2, out]
-    return out.reshape(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
+    phase_weight, phase_bias = _phase_weight(weight), None if bias is None else bias.repeat(4)
+    padded = F.pad(x, (1, 1, 1, 1))
+    out = x.new_empty(b, h, 2, w, 2, out_channels)
+    band = chunks.rows_per_chunk(b * (w + 1) * 4 * out_channels * x.element_size())
+    for top in range(0, h, band):
+        rows = min(band, h - top)
+        phases = F.conv2d(padded[:, :, top:top + rows + 2], phase_weight, phase_bias)  # rows + 1 phase rows
+        phases = phases.permute(0, 2, 3, 1).unflatten(-1, (2, 2, out_channels))  # [b, rows+1, w+1, r, c, out]
+        for r in (0, 1):
+            for c in (0, 1):
+                out[:, top:top + rows, r, :, c] = phases[:, r:r + rows, c:c + w, r, c]
+    return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
 
 
 class Conv2d(nn.Conv2d):

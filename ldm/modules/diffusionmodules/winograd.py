@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ldm.modules.diffusionmodules import chunks
+
 _MATRICES = {
     2: dict(BT=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
             G=[[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]],
@@ -24,9 +26,6 @@ _MATRICES = {
             AT=[[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
 }
 TILE_SIZES = tuple(_MATRICES)
-# Each chunk's transformed input and products stay below this, so large maps need no large temporaries (glibc
-# maps blocks of 32 MiB and more afresh on every allocation, and the kernel faults their pages in one by one).
-CHUNK_BYTES = 16 << 20
 
 Terms = Sequence[Sequence[tuple[int, float]]]
 
@@ -76,7 +75,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     pixels = x.permute(0, 2, 3, 1)
     out = x.new_empty(batch, tile_rows, tile, tile_cols, tile, out_channels)
     bytes_per_row = size * size * tile_cols * max(in_channels, out_channels) * x.element_size()
-    rows_per_chunk = max(1, CHUNK_BYTES // bytes_per_row)
+    rows_per_chunk = chunks.rows_per_chunk(bytes_per_row)
     for image in range(batch):
         for first in range(0, tile_rows, rows_per_chunk):
             rows = min(rows_per_chunk, tile_rows - first)
