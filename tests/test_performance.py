@@ -26,6 +26,18 @@ def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result():
 
 
 @torch.no_grad()
+def test_wide_bf16_conv_on_a_small_map_runs_as_one_gemm(monkeypatch):
+    gemm, used = util._gemm_conv3x3, []
+    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)  # bf16 stays bf16, as on a CPU with bf16 instructions
+    monkeypatch.setattr(util, "_gemm_conv3x3", lambda *args: used.append(args[0].dtype) or gemm(*args))
+    conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, conv.in_channels, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = conv(x)
+    assert used == [torch.bfloat16] and out.dtype == torch.bfloat16
+    assert relative_error(out, reference_conv(conv, x)) < 1e-2
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("side", [4, 32])  # below and above PHASE_CONV_MIN_PIXELS
 def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
     conv = util.Conv2d(6, 5, 3, padding=1)

@@ -194,8 +194,8 @@ def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters, same results within float rounding) with CPU fast paths.
 
-    Wide 3x3 convolutions run as one GEMM on small feature maps and by Winograd's algorithm on large ones
-    (float32 on the CPU; see winograd.py), `upsampled` fuses a nearest 2x upsampling
+    On the CPU, wide 3x3 convolutions run as one GEMM on small feature maps (float32 and bfloat16) and by
+    Winograd's algorithm on large ones (float32; see winograd.py), `upsampled` fuses a nearest 2x upsampling
     into the convolution, and bfloat16 maths on a CPU without bf16 instructions runs in float32
     (see `emulated_bf16`).
     """
@@ -204,8 +204,8 @@ class Conv2d(nn.Conv2d):
         if emulated_bf16(x, self.weight):
             with torch.autocast("cpu", enabled=False):
                 bias = None if self.bias is None else self.bias.float()
-                return self._fp32_forward(x.float(), self.weight.float(), bias).to(torch.bfloat16)
-        return self._fp32_forward(x, self.weight, self.bias)
+                return self._cpu_forward(x.float(), self.weight.float(), bias).to(torch.bfloat16)
+        return self._cpu_forward(x, self.weight, self.bias)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """self(nearest 2x upsampling of x), without the upsampled map where that is faster (large CPU maps)."""
@@ -219,17 +219,20 @@ class Conv2d(nn.Conv2d):
                 return _upsampled_conv3x3(x.float(), self.weight.float(), bias).to(torch.bfloat16)
         return _upsampled_conv3x3(x, self.weight, self.bias)
 
-    def _fp32_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def _cpu_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The convolution, by the fastest of the CPU fast paths that applies (the GEMM also in bfloat16: the
+        direct kernel would copy a channels-last version of the weight on every call)."""
         if not (x.device.type == "cpu" and x.ndim == 4 and not torch.compiler.is_compiling()
                 and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and x.dtype == weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu")):
+                and self.dilation == (1, 1) and self.groups == 1 and x.dtype == weight.dtype
+                and x.dtype in (torch.float32, torch.bfloat16)
+                and (x.dtype == torch.bfloat16 or not torch.is_autocast_enabled("cpu"))):
             return self._conv_forward(x, weight, bias)
         pixels = x.shape[-2] * x.shape[-1]
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
             return _gemm_conv3x3(x, weight.contiguous(), bias)
         recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if (not recording and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS
+        if (not recording and x.dtype == torch.float32 and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS
                 and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
             if pixels >= WINOGRAD_F4_MIN_PIXELS:
                 return winograd_conv3x3(x, weight, bias, tile=4)
