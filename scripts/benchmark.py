@@ -3,13 +3,15 @@
 The weights (random, non-zero, scaled like a trained network's) are built once, written as `.ckpt` and
 `.safetensors` to a temporary folder, and converted in-process into diffusers' `UNet2DConditionModel`
 and `AutoencoderKL` with diffusers' own original-to-diffusers conversion functions (the tensors are
-shared, not copied). Measured, interleaved, after a warm-up, median of the repeats:
+shared, not copied). Measured, interleaved, after a warm-up, median of the repeats; the ratio is the
+median of ours / diffusers over the repeats, each pair measured back to back:
 
 * UNet step: one forward of a batch of 2 (one image with classifier-free guidance) per dtype;
 * txt2img: text encoding, N DDIM steps with guidance 7.5, VAE decode (first dtype only);
 * load: checkpoint file to a ready model, per format, each in a fresh process, with its peak RSS;
 * render memory: peak RSS (CPU) or `max_memory_allocated` (CUDA) of a fresh process that loads the
-  `.safetensors` checkpoint and renders one image.
+  `.safetensors` checkpoint and renders one image; with `--original DIR` also the original code's
+  (`scripts/benchmark_original.py`, from the `.ckpt`).
 
     python scripts/benchmark.py                      # CPU, 512x512, fp32 and bf16
     python scripts/benchmark.py --device cuda --dtypes fp32,fp16
@@ -460,6 +462,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def paired_ratio(row: dict[str, Any]) -> float:
+    """The median over the repeats of ours / diffusers, each pair measured back to back: the speed of a shared
+    machine drifts within a run, and the drift cancels within a pair."""
+    return median([ours / theirs for ours, theirs in zip(row["ours"], row["diffusers"])])
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'measure':<34} {'size':>9} {'ours':>10} {'diffusers':>10} {'ratio':>7}  notes",
              "-" * 90]
@@ -468,7 +476,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         if isinstance(row.get("ours"), list):
             ours, theirs = median(row["ours"]), median(row["diffusers"])
             note = _note(row)
-            lines.append(f"{row['measure']:<34} {size:>9} {ours:>9.3f}s {theirs:>9.3f}s {ours / theirs:>7.2f}  {note}")
+            lines.append(f"{row['measure']:<34} {size:>9} {ours:>9.3f}s {theirs:>9.3f}s {paired_ratio(row):>7.2f}  "
+                         f"{note}")
         else:
             key = "max_memory_allocated_mib" if "max_memory_allocated_mib" in row["ours"] else "peak_rss_process_mib"
             ours, theirs = row["ours"][key], row["diffusers"][key]
@@ -600,6 +609,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             rows.append(memory_row(paths, config_path, args))
         if args.tiled_decode_resolution:
             rows.append(tiled_decode_row(paths["safetensors"], config_path, args))
+    for row in rows:
+        if isinstance(row.get("ours"), list):
+            row["ratio"] = paired_ratio(row)
     report = {"environment": environment(device, args.threads), "rows": rows}
     print()
     print(json.dumps(report["environment"]))
