@@ -114,6 +114,17 @@ def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
 
 
 @torch.no_grad()
+def test_bf16_group_norm_on_the_cpu_equals_float32_rounded_to_bf16():
+    norm = util.GroupNorm32(4, 16).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    x = (torch.randn(2, 16, 12, 12) * 3 + 1).to(torch.bfloat16)
+    out = norm(x)
+    expected = F.group_norm(x.float(), 4, norm.weight.float(), norm.bias.float(), norm.eps).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected.float(), rtol=2 ** -7, atol=2 ** -7)  # within bf16 rounding
+
+
+@torch.no_grad()
 def test_bf16_on_a_cpu_without_bf16_runs_in_fp32_and_returns_bf16(monkeypatch):
     monkeypatch.setattr(util, "cpu_has_bf16", lambda: False)
     conv, linear = util.Conv2d(4, 4, 3, padding=1), util.Linear(4, 3)
