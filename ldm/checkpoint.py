@@ -375,7 +375,7 @@ def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], devic
             logger.info("missing keys: %s; unexpected keys: %s", missing, unexpected)
     _cast_weights(model, dtype)
     device = torch.device(device)
-    if any(t.device != device for t in itertools.chain(model.parameters(), model.buffers())):
+    if device.type != "cpu":  # built and read on the CPU: elsewhere the model moves
         model.to(device)
     if eval_mode:
         model.eval()
