@@ -82,7 +82,9 @@ class ResnetBlock(nn.Module):
         h = norm_swish_conv(self.norm2, self.conv2, h, self.dropout)
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h if torch.is_grad_enabled() else h.add_(x)
+        if torch.is_grad_enabled() or h.dtype != x.dtype:  # autocast: the sum takes the wider type, as x + h
+            return x + h
+        return h.add_(x)
 
 
 class AttnBlock(nn.Module):
