@@ -54,7 +54,7 @@ class FixedTokenizer:
 
 
 def install_stand_ins() -> None:
-    import pytorch_lightning
+    """The stand-ins of the module docstring, in place before the original is imported."""
     import transformers
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -62,7 +62,6 @@ def install_stand_ins() -> None:
     distributed.rank_zero_only = rank_zero_only
     sys.modules.setdefault("pytorch_lightning.utilities.distributed", distributed)
     sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))
-    assert pytorch_lightning is not None
 
     def text_model(cls: type, *_: Any, **__: Any) -> torch.nn.Module:
         return cls(transformers.CLIPTextConfig(**CLIP_VIT_L14_TEXT))
