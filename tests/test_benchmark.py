@@ -72,7 +72,6 @@ def test_tiled_decode_row(benchmark, tmp_path, capsys):
     assert "ours untiled" in capsys.readouterr().out
 
 
-
 def test_ratio_pairs_the_repeats(benchmark):
     """The ratio is the median of the back-to-back pairs, not the ratio of the columns' medians."""
     row = {"measure": "UNet step fp32", "resolution": 64, "batch": 2, "relative_difference": 0.0,
