@@ -24,12 +24,13 @@ GEMM_CONV_MIN_CHANNELS = 1280
 GEMM_CONV_MAX_PIXELS = 16 * 16
 # Other 3x3 convolutions on the CPU with at least this many input and output channels run by Winograd's
 # algorithm (see winograd.py): F(4x4, 3x3) on maps of at least WINOGRAD_F4_MIN_PIXELS, F(2x2, 3x3) on smaller
-# ones of at least WINOGRAD_F2_MIN_PIXELS. Below these sizes the transforms cost more than they save (AVX2).
+# ones of at least WINOGRAD_F2_MIN_PIXELS. Below these sizes the transforms cost more than they save (AVX2 and
+# AVX-512); so does Winograd on fewer input channels, in the autoencoder's bands of 128-channel rows.
 # It writes into preallocated tiles, so it runs only where autograd records nothing (inference).
 WINOGRAD_MIN_IN_CHANNELS = 256
 WINOGRAD_MIN_OUT_CHANNELS = 128
 WINOGRAD_F4_MIN_PIXELS = 64 * 64
-WINOGRAD_F2_MIN_PIXELS = 32 * 32
+WINOGRAD_F2_MIN_PIXELS = 16 * 16
 # Nearest 2x upsampling followed by a 3x3 convolution runs as four 2x2 convolutions (one per output phase) on
 # feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate.
 PHASE_CONV_MIN_PIXELS = 32 * 32
