@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm.checkpoint import load_model_from_config, no_weight_init, read_checkpoint
+from ldm.checkpoint import load_model_from_config, no_weight_init, plain_attributes_set_directly, read_checkpoint
 from ldm.errors import CheckpointError
 from ldm.util import instantiate_from_config
 from tests.model_factory import random_tiny_model, tiny_config
@@ -193,6 +193,26 @@ def test_loading_runs_no_weight_initialiser(tmp_path, original_state, monkeypatc
                             lambda *a, _name=name, _original=original, **k: calls.append(_name) or _original(*a, **k))
     load_model_from_config(tiny_config(), path)
     assert calls == []
+
+
+def test_plain_attributes_set_directly_keeps_what_module_setattr_does():
+    module_setattr = torch.nn.Module.__setattr__
+    with plain_attributes_set_directly():
+        linear = torch.nn.Linear(3, 2)
+        linear.scale, linear.name, linear.sizes = 2.5, "proj", (1, 2)
+        linear.bias = None  # a registered parameter: still goes through nn.Module
+        linear.register_buffer("steps", torch.zeros(1))
+        linear.steps = None
+        linear.child = torch.nn.Identity()
+        linear.child = None
+        with pytest.raises(TypeError):
+            linear.weight = 3  # neither a Parameter nor None, as nn.Module refuses
+    assert torch.nn.Module.__setattr__ is module_setattr
+    assert (linear.scale, linear.name, linear.sizes) == (2.5, "proj", (1, 2))
+    assert "bias" in linear._parameters and linear.bias is None
+    assert "steps" in linear._buffers and linear.steps is None
+    assert "child" in linear._modules and linear.child is None
+    assert [name for name, _ in linear.named_parameters()] == ["weight"]
 
 
 def test_missing_keys_are_initialised_not_left_as_garbage(tmp_path, original_state, caplog):
