@@ -207,12 +207,28 @@ def test_plain_attributes_set_directly_keeps_what_module_setattr_does():
         linear.child = None
         with pytest.raises(TypeError):
             linear.weight = 3  # neither a Parameter nor None, as nn.Module refuses
+        linear.extra = torch.nn.Parameter(torch.empty(2, device="meta"))
+        with pytest.raises(KeyError):
+            linear.forward = torch.nn.Parameter(torch.empty(2, device="meta"))  # a method's name, as nn.Module refuses
     assert torch.nn.Module.__setattr__ is module_setattr
+    assert linear._parameters["extra"].is_meta and "extra" not in linear.__dict__
     assert (linear.scale, linear.name, linear.sizes) == (2.5, "proj", (1, 2))
     assert "bias" in linear._parameters and linear.bias is None
     assert "steps" in linear._buffers and linear.steps is None
     assert "child" in linear._modules and linear.child is None
-    assert [name for name, _ in linear.named_parameters()] == ["weight"]
+    assert [name for name, _ in linear.named_parameters()] == ["weight", "extra"]
+
+
+def test_parameters_registered_while_building_still_reach_global_registration_hooks():
+    seen = []
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(
+        lambda module, name, param: seen.append(name))
+    try:
+        with no_weight_init():
+            torch.nn.Linear(3, 2)
+    finally:
+        handle.remove()
+    assert seen == ["weight", "bias"]
 
 
 def test_missing_keys_are_initialised_not_left_as_garbage(tmp_path, original_state, caplog):
