@@ -62,12 +62,14 @@ def test_upsampled_conv_in_bands_of_rows_equals_the_whole(monkeypatch):
 @torch.no_grad()
 @pytest.mark.parametrize("tile", winograd.TILE_SIZES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last):
+@pytest.mark.parametrize("images_per_chunk", [0, 2])  # 0: one row of tiles per chunk
+def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last, images_per_chunk):
     conv = util.Conv2d(6, 5, 3, padding=1)
-    x = torch.randn(3, 6, 11, 14)  # sides that are not multiples of the tile
+    x = torch.randn(3, 6, 11, 14)  # sides that are not multiples of the tile; the last chunk of images is short
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)  # one row of tiles per chunk
+    tile_rows = -(-x.shape[2] // tile)
+    monkeypatch.setattr(chunks, "rows_per_chunk", lambda bytes_per_row: max(1, images_per_chunk * tile_rows))
     for bias in (conv.bias, None):
         reference = F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1)
         out = winograd.winograd_conv3x3(x, conv.weight, bias, tile)

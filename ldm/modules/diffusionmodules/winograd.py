@@ -47,11 +47,21 @@ def transform_kernel(weight: torch.Tensor, tile: int) -> torch.Tensor:
     return torch.mm(kernel_transform, flat.t()).view(-1, out_channels, in_channels)
 
 
+def _chunks(batch: int, tile_rows: int, rows_per_chunk: int) -> list[tuple[slice, int, int]]:
+    """(images, first tile row, tile rows) of each chunk: whole images together where they fit (larger matrix
+    products), else bands of one image's rows."""
+    if rows_per_chunk >= tile_rows:
+        images = rows_per_chunk // tile_rows
+        return [(slice(first, first + images), 0, tile_rows) for first in range(0, batch, images)]
+    return [(slice(image, image + 1), first, min(rows_per_chunk, tile_rows - first))
+            for image in range(batch) for first in range(0, tile_rows, rows_per_chunk)]
+
+
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      tile: int) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for 3x3 kernels through F(tile x tile, 3x3); channels-last output.
 
-    A band of tile rows at a time: its (m+2) x (m+2) input tiles are gathered (overlapping by two pixels) into
+    A chunk of tile rows at a time: its (m+2) x (m+2) input tiles are gathered (overlapping by two pixels) into
     [(m+2)^2, tiles * in], transformed by one product with B^T (x) B^T, multiplied by the kernels as (m+2)^2
     matrix products, transformed back by one product with A^T (x) A^T and written into the output tiles."""
     size = tile + 2
@@ -63,27 +73,24 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     pixels = x.permute(0, 2, 3, 1)
     out = x.new_empty(batch, tile_rows, tile, tile_cols, tile, out_channels)
     bytes_per_row = size * size * tile_cols * max(in_channels, out_channels) * x.element_size()
-    rows_per_chunk = chunks.rows_per_chunk(bytes_per_row)
-    for image in range(batch):
-        for first in range(0, tile_rows, rows_per_chunk):
-            rows = min(rows_per_chunk, tile_rows - first)
-            # The chunk's input rows with the zero padding, padded here rather than copying the whole map.
-            band = x.new_zeros(tile * rows + 2, tile * tile_cols + 2, in_channels)
-            top = tile * first - 1
-            inside = slice(max(top, 0), min(top + band.shape[0], height))
-            band[inside.start - top:inside.stop - top, 1:width + 1] = pixels[image, inside]
-            row_stride = band.stride(0)
-            tiles = band.as_strided((size, size, rows, tile_cols, in_channels),
-                                    (row_stride, in_channels, tile * row_stride, tile * in_channels, 1))
-            transformed = torch.mm(input_transform, tiles.reshape(size * size, -1))
-            products = torch.bmm(transformed.view(size * size, rows * tile_cols, in_channels), kernels)
-            results = torch.mm(output_transform, products.view(size * size, -1))
-            results = results.view(tile, tile, rows, tile_cols, out_channels).permute(2, 0, 3, 1, 4)
-            target = out[image, first:first + rows]
-            if bias is None:
-                target.copy_(results)
-            else:
-                torch.add(results, bias, out=target)
+    for images, first, rows in _chunks(batch, tile_rows, chunks.rows_per_chunk(bytes_per_row)):
+        # The chunk's input rows with the zero padding, padded here rather than copying the whole map.
+        band = x.new_zeros(pixels[images].shape[0], tile * rows + 2, tile * tile_cols + 2, in_channels)
+        top = tile * first - 1
+        inside = slice(max(top, 0), min(top + band.shape[1], height))
+        band[:, inside.start - top:inside.stop - top, 1:width + 1] = pixels[images, inside]
+        image_stride, row_stride = band.stride(0), band.stride(1)
+        tiles = band.as_strided((size, size, band.shape[0], rows, tile_cols, in_channels),
+                                (row_stride, in_channels, image_stride, tile * row_stride, tile * in_channels, 1))
+        transformed = torch.mm(input_transform, tiles.reshape(size * size, -1))
+        products = torch.bmm(transformed.view(size * size, -1, in_channels), kernels)
+        results = torch.mm(output_transform, products.view(size * size, -1))
+        results = results.view(tile, tile, band.shape[0], rows, tile_cols, out_channels).permute(2, 3, 0, 4, 1, 5)
+        target = out[images, first:first + rows]
+        if bias is None:
+            target.copy_(results)
+        else:
+            torch.add(results, bias, out=target)
     out = out.view(batch, tile * tile_rows, tile * tile_cols, out_channels)
     if out.shape[1:3] != (height, width):
         out = out[:, :height, :width].contiguous()
