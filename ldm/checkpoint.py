@@ -313,7 +313,7 @@ def load_state_dict_into(model: nn.Module, source: str | os.PathLike | Mapping[s
                               f"are in the model (e.g. unknown: {_describe(foreign)}); check that the config matches "
                               "the checkpoint")
     if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() and own[k].is_floating_point()
+        state_dict = {k: cast_weight(v, dtype) if v.is_floating_point() and own[k].is_floating_point()
                       and not _is_schedule_buffer(k) else v
                       for k, v in state_dict.items() if k in own}
     built_empty = any(t.is_meta for t in own.values())
@@ -426,6 +426,16 @@ def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], devic
     return model
 
 
+def cast_weight(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` in `dtype`. A convolution kernel that is copied for the cast anyway comes out channels-last, the
+    layout of the UNet's activations: convolutions then read it as it is instead of reordering it on every call
+    (5% of a bf16 UNet step on the CPU). Kernels loaded without a cast keep the file's layout and memory."""
+    if tensor.dtype == dtype:
+        return tensor
+    layout = torch.channels_last if tensor.ndim == 4 else torch.preserve_format
+    return tensor.to(dtype, memory_format=layout)
+
+
 def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters and buffers to `dtype`, keeping the diffusion schedule in float32."""
     from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
@@ -433,8 +443,9 @@ def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         for key, param in module._parameters.items():
             if param is not None and param.is_floating_point() and param.dtype != dtype:
-                module._parameters[key] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+                module._parameters[key] = nn.Parameter(cast_weight(param.detach(), dtype),
+                                                       requires_grad=param.requires_grad)
         for key, buffer in module._buffers.items():
             if (buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype
                     and not (module is model and key in SCHEDULE_BUFFERS)):
-                module._buffers[key] = buffer.to(dtype)
+                module._buffers[key] = cast_weight(buffer, dtype)

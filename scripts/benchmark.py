@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import load_model_from_config, materialise_missing, no_weight_init  # noqa: E402
+from ldm.checkpoint import cast_weight, load_model_from_config, materialise_missing, no_weight_init  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.offload import enable_offload  # noqa: E402
 from ldm.modules.diffusionmodules.util import cpu_has_bf16  # noqa: E402
@@ -140,16 +140,17 @@ def unet_copy(model: torch.nn.Module, config_path: Path, dtype: torch.dtype) -> 
         return unet
     with torch.device("meta"):
         copy = instantiate_from_config(OmegaConf.load(config_path).model.params.unet_config)
-    copy.load_state_dict({k: v.to(dtype) for k, v in unet.state_dict().items()}, strict=True, assign=True)
+    copy.load_state_dict({k: cast_weight(v, dtype) for k, v in unet.state_dict().items()}, strict=True, assign=True)
     return copy.eval()
 
 
 def diffusers_unet_from(unet: torch.nn.Module, config_path: Path, image_size: int) -> torch.nn.Module:
-    """diffusers' UNet sharing the tensors of one of our UNets (any dtype)."""
+    """diffusers' UNet sharing the tensors of one of our UNets (any dtype), in the contiguous layout its own loader
+    gives them."""
     import diffusers
     from diffusers.loaders import single_file_utils as single_file
 
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    state = {"model.diffusion_model." + k: v.contiguous() for k, v in unet.state_dict().items()}
     config = single_file.create_unet_diffusers_config_from_ldm(original_config(config_path), state,
                                                                image_size=image_size)
     with torch.device("meta"):

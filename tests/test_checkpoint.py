@@ -273,3 +273,16 @@ def test_dtype_casts_weights_but_keeps_the_schedule_in_float32(tmp_path, origina
     model = load_model_from_config(tiny_config(), path, dtype=torch.bfloat16)
     assert model.model.diffusion_model.out[2].weight.dtype == torch.bfloat16
     assert model.alphas_cumprod.dtype == torch.float32
+
+
+def test_kernels_copied_by_a_cast_come_out_channels_last_and_others_keep_the_file_layout(tmp_path, original_state):
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": original_state}, path)
+    conv_key = "model.diffusion_model.input_blocks.0.0.weight"
+    cast = load_model_from_config(tiny_config(), path, dtype=torch.bfloat16)
+    kernel = cast.state_dict()[conv_key]
+    assert kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
+    assert torch.equal(kernel, original_state[conv_key].to(torch.bfloat16))
+    assert all(t.is_contiguous() for t in cast.state_dict().values() if t.ndim != 4)
+    as_stored = load_model_from_config(tiny_config(), path)
+    assert all(t.is_contiguous() for t in as_stored.state_dict().values())

@@ -18,8 +18,10 @@ def reference_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result():
+@pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last])
+def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result(weight_layout):
     conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, padding=1)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=weight_layout)
     x = torch.randn(2, util.GEMM_CONV_MIN_CHANNELS, 4, 4).contiguous(memory_format=torch.channels_last)
     assert relative_error(conv(x), reference_conv(conv, x)) < 1e-5
     assert relative_error(util._gemm_conv3x3(x, conv.weight, conv.bias), reference_conv(conv, x)) < 1e-5
@@ -49,6 +51,21 @@ def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("bf16_instructions,phases_expected", [(True, False), (False, True)])
+def test_bf16_upsampling_of_a_mid_size_map_goes_by_phases_only_where_bf16_is_emulated(
+        monkeypatch, bf16_instructions, phases_expected):
+    used = []
+    phase_conv = util._upsampled_conv3x3
+    monkeypatch.setattr(util, "cpu_has_bf16", lambda: bf16_instructions)
+    monkeypatch.setattr(util, "_upsampled_conv3x3", lambda *args: used.append(True) or phase_conv(*args))
+    conv = util.Conv2d(6, 5, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(1, 6, 32, 32).to(torch.bfloat16)  # between PHASE_CONV_MIN_PIXELS and its bf16 threshold
+    out = conv.upsampled(x)
+    assert bool(used) == phases_expected and out.dtype == torch.bfloat16
+    assert relative_error(out, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))) < 1e-2
+
+
+@torch.no_grad()
 def test_upsampled_conv_in_bands_of_rows_equals_the_whole(monkeypatch):
     conv = util.Conv2d(6, 5, 3, padding=1)
     x = torch.randn(2, 6, 33, 35).contiguous(memory_format=torch.channels_last)
@@ -63,8 +80,11 @@ def test_upsampled_conv_in_bands_of_rows_equals_the_whole(monkeypatch):
 @pytest.mark.parametrize("tile", winograd.TILE_SIZES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("images_per_chunk", [0, 2])  # 0: one row of tiles per chunk
-def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last, images_per_chunk):
+@pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last])
+def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last, images_per_chunk,
+                                                     weight_layout):
     conv = util.Conv2d(6, 5, 3, padding=1)
+    conv.weight.data = conv.weight.data.contiguous(memory_format=weight_layout)
     x = torch.randn(3, 6, 11, 14)  # sides that are not multiples of the tile; the last chunk of images is short
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -32,8 +32,10 @@ WINOGRAD_MIN_OUT_CHANNELS = 128
 WINOGRAD_F4_MIN_PIXELS = 64 * 64
 WINOGRAD_F2_MIN_PIXELS = 16 * 16
 # Nearest 2x upsampling followed by a 3x3 convolution runs as four 2x2 convolutions (one per output phase) on
-# feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate.
+# feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate. oneDNN's
+# bfloat16 2x2 kernels are slow enough that in bf16 this pays only on the autoencoder's large maps (AMX).
 PHASE_CONV_MIN_PIXELS = 32 * 32
+PHASE_CONV_MIN_PIXELS_BF16 = 128 * 128
 
 
 def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
@@ -153,12 +155,19 @@ def emulated_bf16(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> boo
 
 
 def _gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A stride-1, padding-1 3x3 convolution as im2col and one matrix product; channels-last output."""
+    """A stride-1, padding-1 3x3 convolution as im2col and one matrix product; channels-last output.
+
+    The columns follow the order of the weight's memory, so the weight is used in place: (channel, kernel row,
+    kernel column) for a contiguous weight, (kernel row, kernel column, channel) for a channels-last one, whose
+    columns are also quicker to gather (whole runs of channels)."""
     b, _, h, w = x.shape
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    # Columns ordered (channel, kernel row, kernel column), as the contiguous weight's rows are.
-    columns = torch.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=-1)
-    out = F.linear(columns.view(b, h, w, -1), weight.reshape(weight.shape[0], -1), bias)
+    shifted = [padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    if weight.is_contiguous():
+        columns, matrix = torch.stack(shifted, dim=-1), weight.view(weight.shape[0], -1)
+    else:
+        columns, matrix = torch.stack(shifted, dim=3), weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    out = F.linear(columns.view(b, h, w, -1), matrix, bias)
     return out.permute(0, 3, 1, 2)
 
 
@@ -212,11 +221,14 @@ class Conv2d(nn.Conv2d):
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
         """self(nearest 2x upsampling of x), without the upsampled map where that is faster (large CPU maps)."""
-        if (x.device.type != "cpu" or x.ndim != 4 or x.shape[-2] * x.shape[-1] < PHASE_CONV_MIN_PIXELS
+        emulated = emulated_bf16(x, self.weight)
+        native_bf16 = x.dtype == torch.bfloat16 and not emulated
+        min_pixels = PHASE_CONV_MIN_PIXELS_BF16 if native_bf16 else PHASE_CONV_MIN_PIXELS
+        if (x.device.type != "cpu" or x.ndim != 4 or x.shape[-2] * x.shape[-1] < min_pixels
                 or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
                 or self.dilation != (1, 1) or self.groups != 1):
             return self(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        if emulated_bf16(x, self.weight):
+        if emulated:
             with torch.autocast("cpu", enabled=False):
                 bias = None if self.bias is None else self.bias.float()
                 return _upsampled_conv3x3(x.float(), self.weight.float(), bias).to(torch.bfloat16)
@@ -233,7 +245,7 @@ class Conv2d(nn.Conv2d):
             return self._conv_forward(x, weight, bias)
         pixels = x.shape[-2] * x.shape[-1]
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
-            return _gemm_conv3x3(x, weight.contiguous(), bias)
+            return _gemm_conv3x3(x, weight, bias)
         recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
         if (not recording and x.dtype == torch.float32 and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS
                 and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):

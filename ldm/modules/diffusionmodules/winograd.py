@@ -40,11 +40,15 @@ def _transforms(tile: int, dtype: torch.dtype, device: torch.device) -> tuple[to
 
 
 def transform_kernel(weight: torch.Tensor, tile: int) -> torch.Tensor:
-    """[out, in, 3, 3] kernels -> [(m+2)^2, out, in], the G g G^T of every channel pair."""
+    """[out, in, 3, 3] kernels -> [(m+2)^2, in, out], the G g G^T of every channel pair, reading the kernels in
+    the layout they have (contiguous or channels-last) without copying them."""
     out_channels, in_channels = weight.shape[:2]
-    flat = weight.reshape(out_channels * in_channels, 9)
     kernel_transform = _transforms(tile, weight.dtype, weight.device)[0]
-    return torch.mm(kernel_transform, flat.t()).view(-1, out_channels, in_channels)
+    if weight.is_contiguous():
+        taps = weight.view(out_channels * in_channels, 9)
+        return torch.mm(kernel_transform, taps.t()).view(-1, out_channels, in_channels).transpose(1, 2)
+    taps = weight.permute(0, 2, 3, 1).reshape(out_channels, 9, in_channels)
+    return torch.matmul(kernel_transform, taps).permute(1, 2, 0)
 
 
 def _chunks(batch: int, tile_rows: int, rows_per_chunk: int) -> list[tuple[slice, int, int]]:
@@ -68,7 +72,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
     _, input_transform, output_transform = _transforms(tile, x.dtype, x.device)
-    kernels = transform_kernel(weight, tile).transpose(1, 2)  # [(m+2)^2, in, out]
+    kernels = transform_kernel(weight, tile)  # [(m+2)^2, in, out]
     tile_rows, tile_cols = -(-height // tile), -(-width // tile)
     pixels = x.permute(0, 2, 3, 1)
     out = x.new_empty(batch, tile_rows, tile, tile_cols, tile, out_channels)
