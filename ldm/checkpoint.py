@@ -21,9 +21,9 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ldm.config_files import read_plain_config
 from ldm.errors import CheckpointError, first_line
 from ldm.safetensors_mmap import SafetensorsFormatError, load_mapped
 from ldm.util import instantiate_from_config
@@ -368,27 +368,12 @@ def _is_schedule_buffer(key: str) -> bool:
 
 
 def model_config_section(config: Any) -> Any:
-    """The `model` section of a whole config, or the config itself if it already is one."""
+    """The `model` section of a whole config (a path is read as plain containers), or the config itself if it
+    already is one."""
     if isinstance(config, (str, os.PathLike)):
-        config = load_config(config)
+        config = read_plain_config(config)
     if "model" in config and "target" not in config:
         return config["model"]
-    return config
-
-
-def load_config(path: str | os.PathLike) -> DictConfig:
-    """Read a YAML config, with a clear error for a missing or unparsable file."""
-    from ldm.errors import UserInputError
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"config not found: {path}")
-    try:
-        config = OmegaConf.load(path)
-    except Exception as error:
-        raise UserInputError(f"cannot parse config {path}: {first_line(error)}") from error
-    if not isinstance(config, DictConfig):
-        raise UserInputError(f"config {path} is not a YAML mapping")
     return config
 
 

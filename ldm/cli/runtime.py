@@ -9,13 +9,13 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional, Sequence
+from typing import Any, ContextManager, Mapping, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig
 
-from ldm.checkpoint import load_config, load_model_from_config, model_config_section
+from ldm.checkpoint import load_model_from_config, model_config_section
 from ldm.cli.common import DECODE_OVERLAP, DECODE_TILE
+from ldm.config_files import read_plain_config
 from ldm.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ModelGeometry:
     image_size: int  # the training resolution in pixels: the latent image_size times the factor
 
 
-def read_geometry(config: DictConfig) -> ModelGeometry:
+def read_geometry(config: Mapping[str, Any]) -> ModelGeometry:
     """The geometry of a latent diffusion config (entries it lacks fall back to Stable Diffusion's)."""
     params = model_config_section(config).get("params", {}) or {}
     first_stage = (params.get("first_stage_config", {}) or {}).get("params", {}) or {}
@@ -88,10 +88,10 @@ def read_geometry(config: DictConfig) -> ModelGeometry:
                          image_size=factor * int(params.get("image_size", 64)))
 
 
-def load_checked_config(opt: argparse.Namespace) -> tuple[DictConfig, ModelGeometry]:
+def load_checked_config(opt: argparse.Namespace) -> tuple[dict[str, Any], ModelGeometry]:
     """Read --config and check --C, --f and --ddim_steps against the model it describes; with --demo,
     --f and --C are taken from the config instead."""
-    config = load_config(opt.config)
+    config = read_plain_config(opt.config)
     if "model" not in config:
         raise UserInputError(f"config {opt.config} has no 'model' section")
     geometry = read_geometry(config)
@@ -120,7 +120,7 @@ def check_image_size(geometry: ModelGeometry, H: int, W: int) -> None:
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def load_model(config: DictConfig, ckpt: str, device: torch.device,
+def load_model(config: Mapping[str, Any], ckpt: str, device: torch.device,
                embedding_paths: Optional[Sequence[str]] = None, precision: str = "full") -> Any:
     """The model of `config` with the weights of `ckpt` on `device`, with textual-inversion embeddings attached.
     With precision 'fp16' or 'bf16' the weights are stored in that type (the noise schedule stays float32);

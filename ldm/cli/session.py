@@ -6,10 +6,9 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Mapping
 
 import torch
-from omegaconf import DictConfig
 
 import ldm
 from ldm.cli.hashing import BackgroundHash
@@ -67,7 +66,7 @@ class Session:
         return fields
 
 
-def open_session(opt: argparse.Namespace, config: DictConfig) -> Session:
+def open_session(opt: argparse.Namespace, config: Mapping[str, Any]) -> Session:
     """Resolve the safety checker, load the model and create the output directories.
 
     Every check that can fail on user input runs before anything is written.

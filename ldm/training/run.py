@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import load_config
+from ldm.config_files import load_config
 from ldm.errors import UserInputError, first_line
 
 
