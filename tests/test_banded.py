@@ -63,3 +63,20 @@ def test_resnet_block_in_bands_equals_the_recorded_forward(monkeypatch):
     with torch.no_grad():
         banded_out = block(x)
     assert relative_error(banded_out, recorded.detach().double()) < 1e-5
+
+
+def test_the_decoder_hands_freed_memory_back_before_each_upsampling_in_inference(monkeypatch):
+    from ldm.modules.diffusionmodules.model import Decoder
+
+    chunks.release_freed_memory()  # runs (or does nothing) on this platform
+    calls = []
+    monkeypatch.setattr(chunks, "release_freed_memory", lambda: calls.append(True))
+    decoder = Decoder(ch=32, out_ch=3, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                      resolution=16, z_channels=4)
+    z = torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        decoder(z)
+    assert len(calls) == 2  # two upsamplings
+    calls.clear()
+    decoder(z)  # training: autograd records, nothing to trim between levels
+    assert calls == []

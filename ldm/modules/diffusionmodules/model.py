@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.modules.diffusionmodules import chunks
 from ldm.modules.diffusionmodules.banded import norm_swish_conv
 from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, Linear, emulated_bf16
 
@@ -243,6 +244,8 @@ class Decoder(nn.Module):
                 if len(up.attn) > 0:
                     h = up.attn[i_block](h)
             if i_level != 0:
+                if h.device.type == "cpu" and not torch.is_grad_enabled():
+                    chunks.release_freed_memory()
                 h = up.upsample(h)
         if self.give_pre_end:
             return h.contiguous()

@@ -61,13 +61,30 @@ def _chunks(batch: int, tile_rows: int, rows_per_chunk: int) -> list[tuple[slice
             for image in range(batch) for first in range(0, tile_rows, rows_per_chunk)]
 
 
+def _gathered_tiles(pixels: torch.Tensor, first: int, rows: int, tile: int, tile_cols: int) -> torch.Tensor:
+    """[(m+2)^2, images * rows * tile_cols * in]: the (m+2) x (m+2) input tiles of `rows` tile rows from tile row
+    `first` of channels-last `pixels` [images, height, width, in], zero padding included."""
+    size = tile + 2
+    images, height, width, in_channels = pixels.shape
+    # The chunk's input rows with the zero padding, padded here rather than copying the whole map.
+    band = pixels.new_zeros(images, tile * rows + 2, tile * tile_cols + 2, in_channels)
+    top = tile * first - 1
+    inside = slice(max(top, 0), min(top + band.shape[1], height))
+    band[:, inside.start - top:inside.stop - top, 1:width + 1] = pixels[:, inside]
+    image_stride, row_stride = band.stride(0), band.stride(1)
+    tiles = band.as_strided((size, size, images, rows, tile_cols, in_channels),
+                            (row_stride, in_channels, image_stride, tile * row_stride, tile * in_channels, 1))
+    return tiles.reshape(size * size, -1)
+
+
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      tile: int) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for 3x3 kernels through F(tile x tile, 3x3); channels-last output.
 
     A chunk of tile rows at a time: its (m+2) x (m+2) input tiles are gathered (overlapping by two pixels) into
     [(m+2)^2, tiles * in], transformed by one product with B^T (x) B^T, multiplied by the kernels as (m+2)^2
-    matrix products, transformed back by one product with A^T (x) A^T and written into the output tiles."""
+    matrix products, transformed back by one product with A^T (x) A^T and written into the output tiles. Each
+    intermediate is freed as soon as the next one exists (they are the autoencoder decoder's peak)."""
     size = tile + 2
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
@@ -78,23 +95,18 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     out = x.new_empty(batch, tile_rows, tile, tile_cols, tile, out_channels)
     bytes_per_row = size * size * tile_cols * max(in_channels, out_channels) * x.element_size()
     for images, first, rows in _chunks(batch, tile_rows, chunks.rows_per_chunk(bytes_per_row)):
-        # The chunk's input rows with the zero padding, padded here rather than copying the whole map.
-        band = x.new_zeros(pixels[images].shape[0], tile * rows + 2, tile * tile_cols + 2, in_channels)
-        top = tile * first - 1
-        inside = slice(max(top, 0), min(top + band.shape[1], height))
-        band[:, inside.start - top:inside.stop - top, 1:width + 1] = pixels[images, inside]
-        image_stride, row_stride = band.stride(0), band.stride(1)
-        tiles = band.as_strided((size, size, band.shape[0], rows, tile_cols, in_channels),
-                                (row_stride, in_channels, image_stride, tile * row_stride, tile * in_channels, 1))
-        transformed = torch.mm(input_transform, tiles.reshape(size * size, -1))
-        products = torch.bmm(transformed.view(size * size, -1, in_channels), kernels)
-        results = torch.mm(output_transform, products.view(size * size, -1))
-        results = results.view(tile, tile, band.shape[0], rows, tile_cols, out_channels).permute(2, 3, 0, 4, 1, 5)
+        gathered = _gathered_tiles(pixels[images], first, rows, tile, tile_cols)
+        transformed = torch.mm(input_transform, gathered).view(size * size, -1, in_channels)
+        del gathered
+        products = torch.bmm(transformed, kernels).view(size * size, -1)
+        del transformed
+        results = torch.mm(output_transform, products).view(tile, tile, -1, rows, tile_cols, out_channels)
+        del products
         target = out[images, first:first + rows]
         if bias is None:
-            target.copy_(results)
+            target.copy_(results.permute(2, 3, 0, 4, 1, 5))
         else:
-            torch.add(results, bias, out=target)
+            torch.add(results.permute(2, 3, 0, 4, 1, 5), bias, out=target)
     out = out.view(batch, tile * tile_rows, tile * tile_cols, out_channels)
     if out.shape[1:3] != (height, width):
         out = out[:, :height, :width].contiguous()
