@@ -97,9 +97,48 @@ def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels
         assert relative_error(out, reference) < 1e-5
 
 
+@pytest.mark.parametrize("out_channels,widest,widths", [
+    (1280, 204, [160] * 8),  # the widest multiple of 16 that divides the channels
+    (320, 121, [80] * 4),
+    (100, 30, [25] * 4),  # no multiple of 16 divides them: an even split
+    (12, 5, [4] * 3),
+    (7, 7, [7])])
+def test_winograd_output_blocks_are_even_and_within_the_budget(monkeypatch, out_channels, widest, widths):
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", widest * 1000)
+    blocks = winograd._output_blocks(out_channels, 1000)
+    assert [block.stop - block.start for block in blocks] == widths
+    assert blocks[0].start == 0 and blocks[-1].stop == out_channels
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("side,tile", [(32, 2), (64, 4)])
-def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, side, tile):
+@pytest.mark.parametrize("out_channels,chunk_bytes,kernel_blocks,tile_chunks", [
+    (48, 1 << 30, 1, 1),  # everything in one piece
+    (48, 86400, 6, 1),  # kernels by blocks of output channels, all 75 tiles in one chunk
+    (80, 28800, 10, 3),  # a chunk of tiles per image, each multiplied by every block of kernels
+    (48, 28800, 1, 15)])  # kept, the transformed tiles would outgrow the kernels: kernels transformed whole
+def test_winograd_in_blocks_of_output_channels_equals_the_direct_convolution(monkeypatch, out_channels, chunk_bytes,
+                                                                            kernel_blocks, tile_chunks):
+    calls = {"kernels": 0, "chunks": 0}
+    transform_kernel, transformed_tiles = winograd.transform_kernel, winograd._transformed_tiles
+
+    def counted(name, fn):
+        return lambda *args: calls.__setitem__(name, calls[name] + 1) or fn(*args)
+
+    monkeypatch.setattr(winograd, "transform_kernel", counted("kernels", transform_kernel))
+    monkeypatch.setattr(winograd, "_transformed_tiles", counted("chunks", transformed_tiles))
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", chunk_bytes)
+    weight, bias = torch.randn(out_channels, 8, 3, 3), torch.randn(out_channels)
+    x = torch.randn(3, 8, 18, 19)  # 3 x 5 x 5 tiles of 4 x 4
+    out = winograd.winograd_conv3x3(x, weight, bias, tile=4)
+    assert relative_error(out, F.conv2d(x.double(), weight.double(), bias.double(), padding=1)) < 1e-5
+    assert calls == {"kernels": kernel_blocks, "chunks": tile_chunks}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("in_channels", [util.WINOGRAD_MIN_IN_CHANNELS, util.GEMM_CONV_MIN_CHANNELS])
+@pytest.mark.parametrize("side,tile", [(16, 2), (32, 4)])
+def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, in_channels, side, tile):
     used = []
 
     def recording(x, weight, bias, tile):
@@ -107,7 +146,7 @@ def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, side, tile):
         return winograd.winograd_conv3x3(x, weight, bias, tile)
 
     monkeypatch.setattr(util, "winograd_conv3x3", recording)
-    conv = util.Conv2d(util.WINOGRAD_MIN_IN_CHANNELS, util.WINOGRAD_MIN_OUT_CHANNELS, 3, padding=1)
+    conv = util.Conv2d(in_channels, util.WINOGRAD_MIN_OUT_CHANNELS, 3, padding=1)
     x = torch.randn(1, conv.in_channels, side, side).contiguous(memory_format=torch.channels_last)
     assert relative_error(conv(x), reference_conv(conv, x)) < 1e-5
     assert used == [tile]

@@ -18,19 +18,19 @@ from torch import nn
 from ldm.modules.diffusionmodules import chunks
 from ldm.modules.diffusionmodules.winograd import winograd_conv3x3
 
-# 3x3 convolutions with at least this many input channels on at most this many pixels run as one matrix
-# product on the CPU: there oneDNN's direct kernel reaches about half the speed of the GEMM (measured on AVX2).
-GEMM_CONV_MIN_CHANNELS = 1280
-GEMM_CONV_MAX_PIXELS = 16 * 16
-# Other 3x3 convolutions on the CPU with at least this many input and output channels run by Winograd's
+# On the CPU, float32 3x3 convolutions with at least this many input and output channels run by Winograd's
 # algorithm (see winograd.py): F(4x4, 3x3) on maps of at least WINOGRAD_F4_MIN_PIXELS, F(2x2, 3x3) on smaller
 # ones of at least WINOGRAD_F2_MIN_PIXELS. Below these sizes the transforms cost more than they save (AVX2 and
 # AVX-512); so does Winograd on fewer input channels, in the autoencoder's bands of 128-channel rows.
 # It writes into preallocated tiles, so it runs only where autograd records nothing (inference).
 WINOGRAD_MIN_IN_CHANNELS = 256
 WINOGRAD_MIN_OUT_CHANNELS = 128
-WINOGRAD_F4_MIN_PIXELS = 64 * 64
+WINOGRAD_F4_MIN_PIXELS = 32 * 32
 WINOGRAD_F2_MIN_PIXELS = 16 * 16
+# Other 3x3 convolutions with at least this many input channels on at most this many pixels (all in bfloat16,
+# the 8x8 maps in float32) run as one matrix product: there oneDNN's direct kernel reaches half the GEMM's speed.
+GEMM_CONV_MIN_CHANNELS = 1280
+GEMM_CONV_MAX_PIXELS = 16 * 16
 # Nearest 2x upsampling followed by a 3x3 convolution runs as four 2x2 convolutions (one per output phase) on
 # feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate. oneDNN's
 # bfloat16 2x2 kernels are slow enough that in bf16 this pays only on the autoencoder's large maps (AMX).
@@ -244,15 +244,12 @@ class Conv2d(nn.Conv2d):
                 and (x.dtype == torch.bfloat16 or not torch.is_autocast_enabled("cpu"))):
             return self._conv_forward(x, weight, bias)
         pixels = x.shape[-2] * x.shape[-1]
+        recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        if (not recording and x.dtype == torch.float32 and pixels >= WINOGRAD_F2_MIN_PIXELS
+                and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
+            return winograd_conv3x3(x, weight, bias, tile=4 if pixels >= WINOGRAD_F4_MIN_PIXELS else 2)
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
             return _gemm_conv3x3(x, weight, bias)
-        recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if (not recording and x.dtype == torch.float32 and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS
-                and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
-            if pixels >= WINOGRAD_F4_MIN_PIXELS:
-                return winograd_conv3x3(x, weight, bias, tile=4)
-            if pixels >= WINOGRAD_F2_MIN_PIXELS:
-                return winograd_conv3x3(x, weight, bias, tile=2)
         return self._conv_forward(x, weight, bias)
 
 

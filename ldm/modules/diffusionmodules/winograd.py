@@ -77,36 +77,79 @@ def _gathered_tiles(pixels: torch.Tensor, first: int, rows: int, tile: int, tile
     return tiles.reshape(size * size, -1)
 
 
+def _output_blocks(out_channels: int, bytes_per_channel: int) -> list[slice]:
+    """Ranges of output channels whose transformed kernels and products stay under `chunks.CHUNK_BYTES`: the
+    widest multiple of 16 that divides the channels evenly, else an even split."""
+    widest = chunks.rows_per_chunk(bytes_per_channel)
+    even = [width for width in range(16, min(widest, out_channels) + 1, 16) if out_channels % width == 0]
+    width = even[-1] if even else -(-out_channels // -(-out_channels // widest))
+    return [slice(first, min(first + width, out_channels)) for first in range(0, out_channels, width)]
+
+
+def _transformed_tiles(pixels: torch.Tensor, part: tuple[slice, int, int], tile: int, tile_cols: int,
+                       input_transform: torch.Tensor) -> torch.Tensor:
+    """[(m+2)^2, tiles, in]: B^T d B of every input tile of one chunk."""
+    images, first, rows = part
+    gathered = _gathered_tiles(pixels[images], first, rows, tile, tile_cols)
+    return torch.mm(input_transform, gathered).view(input_transform.shape[0], -1, pixels.shape[-1])
+
+
+def _write_outputs(out: torch.Tensor, part: tuple[slice, int, int], transformed: torch.Tensor,
+                   kernels: torch.Tensor, output_transform: torch.Tensor, bias: Optional[torch.Tensor],
+                   block: slice) -> None:
+    """A^T [U * V] A (+ bias) of one chunk's tiles into output channels `block` of `out` [batch, tile rows, m,
+    tile cols, m, out]; `kernels` holds the transformed kernels of those channels."""
+    images, first, rows = part
+    tile, tile_cols = out.shape[2], out.shape[3]
+    products = torch.bmm(transformed, kernels)
+    results = torch.mm(output_transform, products.view(products.shape[0], -1))
+    del products
+    results = results.view(tile, tile, -1, rows, tile_cols, kernels.shape[-1]).permute(2, 3, 0, 4, 1, 5)
+    target = out[images, first:first + rows, :, :, :, block]
+    if bias is None:
+        target.copy_(results)
+    else:
+        torch.add(results, bias[block], out=target)
+
+
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      tile: int) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=1) for 3x3 kernels through F(tile x tile, 3x3); channels-last output.
 
-    A chunk of tile rows at a time: its (m+2) x (m+2) input tiles are gathered (overlapping by two pixels) into
-    [(m+2)^2, tiles * in], transformed by one product with B^T (x) B^T, multiplied by the kernels as (m+2)^2
-    matrix products, transformed back by one product with A^T (x) A^T and written into the output tiles. Each
-    intermediate is freed as soon as the next one exists (they are the autoencoder decoder's peak)."""
+    The (m+2) x (m+2) input tiles of a chunk of tile rows are gathered (overlapping by two pixels) into
+    [(m+2)^2, tiles * in], transformed by one product with B^T (x) B^T, multiplied by the transformed kernels as
+    (m+2)^2 matrix products, transformed back by one product with A^T (x) A^T and written into the output tiles.
+
+    No intermediate outgrows `chunks.CHUNK_BYTES` where that costs no extra memory: when the transformed input
+    tiles of all chunks together take no more room than the transformed kernels, they are kept, and the kernels
+    are transformed and applied one block of output channels at a time. (The transformed kernels of a wide
+    layer, 105 MB for 1280 channels, would be fresh memory on every call, and the page faults of fresh memory
+    cost as much time again as the transform.) Otherwise, on large maps, the kernels are transformed once and
+    each chunk's intermediates are freed as soon as the next one exists (they are the autoencoder decoder's
+    peak)."""
     size = tile + 2
     batch, in_channels, height, width = x.shape
     out_channels = weight.shape[0]
     _, input_transform, output_transform = _transforms(tile, x.dtype, x.device)
-    kernels = transform_kernel(weight, tile)  # [(m+2)^2, in, out]
     tile_rows, tile_cols = -(-height // tile), -(-width // tile)
     pixels = x.permute(0, 2, 3, 1)
     out = x.new_empty(batch, tile_rows, tile, tile_cols, tile, out_channels)
-    bytes_per_row = size * size * tile_cols * max(in_channels, out_channels) * x.element_size()
-    for images, first, rows in _chunks(batch, tile_rows, chunks.rows_per_chunk(bytes_per_row)):
-        gathered = _gathered_tiles(pixels[images], first, rows, tile, tile_cols)
-        transformed = torch.mm(input_transform, gathered).view(size * size, -1, in_channels)
-        del gathered
-        products = torch.bmm(transformed, kernels).view(size * size, -1)
-        del transformed
-        results = torch.mm(output_transform, products).view(tile, tile, -1, rows, tile_cols, out_channels)
-        del products
-        target = out[images, first:first + rows]
-        if bias is None:
-            target.copy_(results.permute(2, 3, 0, 4, 1, 5))
-        else:
-            torch.add(results.permute(2, 3, 0, 4, 1, 5), bias, out=target)
+    tile_bytes = size * size * x.element_size()
+    if batch * tile_rows * tile_cols <= max(out_channels, chunks.rows_per_chunk(tile_bytes * in_channels)):
+        parts = _chunks(batch, tile_rows, chunks.rows_per_chunk(tile_bytes * tile_cols * in_channels))
+        inputs = [(part, _transformed_tiles(pixels, part, tile, tile_cols, input_transform)) for part in parts]
+        most_tiles = max(transformed.shape[1] for _, transformed in inputs)
+        for block in _output_blocks(out_channels, tile_bytes * max(in_channels, most_tiles)):
+            kernels = transform_kernel(weight[block], tile)
+            for part, transformed in inputs:
+                _write_outputs(out, part, transformed, kernels, output_transform, bias, block)
+    else:
+        kernels = transform_kernel(weight, tile)  # [(m+2)^2, in, out]
+        bytes_per_row = tile_bytes * tile_cols * max(in_channels, out_channels)
+        for part in _chunks(batch, tile_rows, chunks.rows_per_chunk(bytes_per_row)):
+            transformed = _transformed_tiles(pixels, part, tile, tile_cols, input_transform)
+            _write_outputs(out, part, transformed, kernels, output_transform, bias, slice(0, out_channels))
+            del transformed
     out = out.view(batch, tile * tile_rows, tile * tile_cols, out_channels)
     if out.shape[1:3] != (height, width):
         out = out[:, :height, :width].contiguous()
