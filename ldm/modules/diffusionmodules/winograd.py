@@ -94,17 +94,14 @@ def _transformed_tiles(pixels: torch.Tensor, part: tuple[slice, int, int], tile:
     return torch.mm(input_transform, gathered).view(input_transform.shape[0], -1, pixels.shape[-1])
 
 
-def _write_outputs(out: torch.Tensor, part: tuple[slice, int, int], transformed: torch.Tensor,
-                   kernels: torch.Tensor, output_transform: torch.Tensor, bias: Optional[torch.Tensor],
-                   block: slice) -> None:
+def _write_outputs(out: torch.Tensor, part: tuple[slice, int, int], products: torch.Tensor,
+                   output_transform: torch.Tensor, bias: Optional[torch.Tensor], block: slice) -> None:
     """A^T [U * V] A (+ bias) of one chunk's tiles into output channels `block` of `out` [batch, tile rows, m,
-    tile cols, m, out]; `kernels` holds the transformed kernels of those channels."""
+    tile cols, m, out]; `products` [(m+2)^2, tiles, block width] holds the products U * V of those channels."""
     images, first, rows = part
     tile, tile_cols = out.shape[2], out.shape[3]
-    products = torch.bmm(transformed, kernels)
     results = torch.mm(output_transform, products.view(products.shape[0], -1))
-    del products
-    results = results.view(tile, tile, -1, rows, tile_cols, kernels.shape[-1]).permute(2, 3, 0, 4, 1, 5)
+    results = results.view(tile, tile, -1, rows, tile_cols, products.shape[-1]).permute(2, 3, 0, 4, 1, 5)
     target = out[images, first:first + rows, :, :, :, block]
     if bias is None:
         target.copy_(results)
@@ -142,14 +139,14 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         for block in _output_blocks(out_channels, tile_bytes * max(in_channels, most_tiles)):
             kernels = transform_kernel(weight[block], tile)
             for part, transformed in inputs:
-                _write_outputs(out, part, transformed, kernels, output_transform, bias, block)
+                _write_outputs(out, part, torch.bmm(transformed, kernels), output_transform, bias, block)
     else:
         kernels = transform_kernel(weight, tile)  # [(m+2)^2, in, out]
         bytes_per_row = tile_bytes * tile_cols * max(in_channels, out_channels)
         for part in _chunks(batch, tile_rows, chunks.rows_per_chunk(bytes_per_row)):
-            transformed = _transformed_tiles(pixels, part, tile, tile_cols, input_transform)
-            _write_outputs(out, part, transformed, kernels, output_transform, bias, slice(0, out_channels))
-            del transformed
+            products = torch.bmm(_transformed_tiles(pixels, part, tile, tile_cols, input_transform), kernels)
+            _write_outputs(out, part, products, output_transform, bias, slice(0, out_channels))
+            del products
     out = out.view(batch, tile * tile_rows, tile * tile_cols, out_channels)
     if out.shape[1:3] != (height, width):
         out = out[:, :height, :width].contiguous()
