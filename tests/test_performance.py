@@ -14,17 +14,22 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def reference_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=conv.padding).float()
+    return F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=conv.stride,
+                    padding=conv.padding).float()
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last])
-def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result(weight_layout):
-    conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, padding=1)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result(monkeypatch, weight_layout, stride):
+    gemm, used = util._gemm_conv3x3, []
+    monkeypatch.setattr(util, "_gemm_conv3x3", lambda *args: used.append(args[3]) or gemm(*args))
+    conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, stride=stride, padding=1)
     conv.weight.data = conv.weight.data.contiguous(memory_format=weight_layout)
-    x = torch.randn(2, util.GEMM_CONV_MIN_CHANNELS, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert relative_error(conv(x), reference_conv(conv, x)) < 1e-5
-    assert relative_error(util._gemm_conv3x3(x, conv.weight, conv.bias), reference_conv(conv, x)) < 1e-5
+    x = torch.randn(2, util.GEMM_CONV_MIN_CHANNELS, 5, 4).contiguous(memory_format=torch.channels_last)
+    out = conv(x)
+    assert used == [stride] and out.shape == reference_conv(conv, x).shape
+    assert relative_error(out, reference_conv(conv, x)) < 1e-5
 
 
 @torch.no_grad()
@@ -40,7 +45,7 @@ def test_wide_bf16_conv_on_a_small_map_runs_as_one_gemm(monkeypatch):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("side", [4, 32])  # below and above PHASE_CONV_MIN_PIXELS
+@pytest.mark.parametrize("side", [4, 64])  # below and above PHASE_CONV_MIN_PIXELS
 def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
     conv = util.Conv2d(6, 5, 3, padding=1)
     x = torch.randn(2, 6, side, side + 2)
@@ -59,7 +64,7 @@ def test_bf16_upsampling_of_a_mid_size_map_goes_by_phases_only_where_bf16_is_emu
     monkeypatch.setattr(util, "cpu_has_bf16", lambda: bf16_instructions)
     monkeypatch.setattr(util, "_upsampled_conv3x3", lambda *args: used.append(True) or phase_conv(*args))
     conv = util.Conv2d(6, 5, 3, padding=1).to(torch.bfloat16)
-    x = torch.randn(1, 6, 32, 32).to(torch.bfloat16)  # between PHASE_CONV_MIN_PIXELS and its bf16 threshold
+    x = torch.randn(1, 6, 64, 64).to(torch.bfloat16)  # between PHASE_CONV_MIN_PIXELS and its bf16 threshold
     out = conv.upsampled(x)
     assert bool(used) == phases_expected and out.dtype == torch.bfloat16
     assert relative_error(out, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))) < 1e-2

@@ -27,14 +27,17 @@ WINOGRAD_MIN_IN_CHANNELS = 256
 WINOGRAD_MIN_OUT_CHANNELS = 128
 WINOGRAD_F4_MIN_PIXELS = 32 * 32
 WINOGRAD_F2_MIN_PIXELS = 16 * 16
-# Other 3x3 convolutions with at least this many input channels on at most this many pixels (all in bfloat16,
-# the 8x8 maps in float32) run as one matrix product: there oneDNN's direct kernel reaches half the GEMM's speed.
+# Other 3x3 convolutions with at least this many input channels on input maps of at most this many pixels (all
+# in bfloat16; in float32 the 8x8 maps and the stride-2 downsampling of 16x16 ones) run as one matrix product:
+# there oneDNN's direct kernel reaches a third to half of the GEMM's speed.
 GEMM_CONV_MIN_CHANNELS = 1280
 GEMM_CONV_MAX_PIXELS = 16 * 16
 # Nearest 2x upsampling followed by a 3x3 convolution runs as four 2x2 convolutions (one per output phase) on
-# feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate. oneDNN's
-# bfloat16 2x2 kernels are slow enough that in bf16 this pays only on the autoencoder's large maps (AMX).
-PHASE_CONV_MIN_PIXELS = 32 * 32
+# feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate. On smaller
+# maps F(4x4) Winograd on the upsampled map is faster (the UNet's 640-channel 32x32 upsampling: 0.19 s against
+# 0.25-0.31 s). oneDNN's bfloat16 2x2 kernels are slow enough that in bf16 this pays only on the autoencoder's
+# large maps (AMX).
+PHASE_CONV_MIN_PIXELS = 64 * 64
 PHASE_CONV_MIN_PIXELS_BF16 = 128 * 128
 
 
@@ -154,20 +157,23 @@ def emulated_bf16(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> boo
             or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
 
 
-def _gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A stride-1, padding-1 3x3 convolution as im2col and one matrix product; channels-last output.
+def _gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  stride: int = 1) -> torch.Tensor:
+    """A padding-1 3x3 convolution of stride 1 or 2 as im2col and one matrix product; channels-last output.
 
     The columns follow the order of the weight's memory, so the weight is used in place: (channel, kernel row,
     kernel column) for a contiguous weight, (kernel row, kernel column, channel) for a channels-last one, whose
     columns are also quicker to gather (whole runs of channels)."""
     b, _, h, w = x.shape
+    out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    shifted = [padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)]
+    shifted = [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+               for i in range(3) for j in range(3)]
     if weight.is_contiguous():
         columns, matrix = torch.stack(shifted, dim=-1), weight.view(weight.shape[0], -1)
     else:
         columns, matrix = torch.stack(shifted, dim=3), weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
-    out = F.linear(columns.view(b, h, w, -1), matrix, bias)
+    out = F.linear(columns.view(b, out_h, out_w, -1), matrix, bias)
     return out.permute(0, 3, 1, 2)
 
 
@@ -238,18 +244,18 @@ class Conv2d(nn.Conv2d):
         """The convolution, by the fastest of the CPU fast paths that applies (the GEMM also in bfloat16: the
         direct kernel would copy a channels-last version of the weight on every call)."""
         if not (x.device.type == "cpu" and x.ndim == 4 and not torch.compiler.is_compiling()
-                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+                and self.kernel_size == (3, 3) and self.stride in ((1, 1), (2, 2)) and self.padding == (1, 1)
                 and self.dilation == (1, 1) and self.groups == 1 and x.dtype == weight.dtype
                 and x.dtype in (torch.float32, torch.bfloat16)
                 and (x.dtype == torch.bfloat16 or not torch.is_autocast_enabled("cpu"))):
             return self._conv_forward(x, weight, bias)
         pixels = x.shape[-2] * x.shape[-1]
         recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if (not recording and x.dtype == torch.float32 and pixels >= WINOGRAD_F2_MIN_PIXELS
+        if (not recording and x.dtype == torch.float32 and self.stride == (1, 1) and pixels >= WINOGRAD_F2_MIN_PIXELS
                 and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
             return winograd_conv3x3(x, weight, bias, tile=4 if pixels >= WINOGRAD_F4_MIN_PIXELS else 2)
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
-            return _gemm_conv3x3(x, weight, bias)
+            return _gemm_conv3x3(x, weight, bias, self.stride[0])
         return self._conv_forward(x, weight, bias)
 
 
