@@ -180,6 +180,34 @@ def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
 
 
 @torch.no_grad()
+@pytest.mark.skipif(util._onednn_linear() is None, reason="this torch build has no oneDNN linear primitive")
+def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeypatch):
+    onednn_linear, calls = util._onednn_linear(), []
+    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)
+    spy = lambda *args: calls.append(args[0].shape) or onednn_linear(*args)  # noqa: E731
+    monkeypatch.setattr(util, "_onednn_linear", lambda: spy)
+    linear = util.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)
+    out = linear(x)
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, F.linear(x.double(), linear.weight.double(), linear.bias.double())) < 4e-3
+    conv = util.Conv2d(64, 48, 1).to(torch.bfloat16)
+    image = torch.randn(2, 64, 3, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = conv(image)
+    assert out.shape == (2, 48, 3, 5) and out.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(out, reference_conv(conv, image)) < 4e-3
+    assert calls == [x.shape, (2, 3, 5, 64)]
+
+
+def test_bf16_linear_with_gradients_stays_on_autograd(monkeypatch):
+    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(util, "_onednn_linear", lambda: pytest.fail("oneDNN's linear has no backward"))
+    linear = util.Linear(16, 8).to(torch.bfloat16)
+    linear(torch.randn(3, 16).to(torch.bfloat16)).float().sum().backward()
+    assert linear.weight.grad is not None and linear.weight.grad.dtype == torch.bfloat16
+
+
+@torch.no_grad()
 def test_bf16_group_norm_on_the_cpu_equals_float32_rounded_to_bf16():
     norm = util.GroupNorm32(4, 16).to(torch.bfloat16)
     torch.nn.init.normal_(norm.weight, 1.0, 0.3)
