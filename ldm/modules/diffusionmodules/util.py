@@ -157,11 +157,15 @@ def emulated_bf16(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> boo
             or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
 
 
+def _records_gradients(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether autograd records an operation on `x` and `weight`."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+
+
 def _native_bf16_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """bfloat16 maths without gradients on a CPU with bf16 instructions, outside `torch.compile`."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and not torch.compiler.is_compiling() and cpu_has_bf16()
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not torch.compiler.is_compiling() and cpu_has_bf16() and not _records_gradients(x, weight))
 
 
 @functools.cache
@@ -283,9 +287,9 @@ class Conv2d(nn.Conv2d):
                 and (x.dtype == torch.bfloat16 or not torch.is_autocast_enabled("cpu"))):
             return self._conv_forward(x, weight, bias)
         pixels = x.shape[-2] * x.shape[-1]
-        recording = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-        if (not recording and x.dtype == torch.float32 and self.stride == (1, 1) and pixels >= WINOGRAD_F2_MIN_PIXELS
-                and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
+        if (not _records_gradients(x, weight) and x.dtype == torch.float32 and self.stride == (1, 1)
+                and pixels >= WINOGRAD_F2_MIN_PIXELS and self.in_channels >= WINOGRAD_MIN_IN_CHANNELS
+                and self.out_channels >= WINOGRAD_MIN_OUT_CHANNELS):
             return winograd_conv3x3(x, weight, bias, tile=4 if pixels >= WINOGRAD_F4_MIN_PIXELS else 2)
         if self.in_channels >= GEMM_CONV_MIN_CHANNELS and pixels <= GEMM_CONV_MAX_PIXELS:
             return _gemm_conv3x3(x, weight, bias, self.stride[0])
