@@ -56,18 +56,45 @@ def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("bf16_instructions,phases_expected", [(True, False), (False, True)])
-def test_bf16_upsampling_of_a_mid_size_map_goes_by_phases_only_where_bf16_is_emulated(
-        monkeypatch, bf16_instructions, phases_expected):
+@pytest.mark.parametrize("bf16_instructions,expected_path", [(True, "gemm"), (False, "phases")])
+def test_bf16_upsampling_of_a_mid_size_map_is_one_gemm_with_bf16_instructions_and_phases_without(
+        monkeypatch, bf16_instructions, expected_path):
     used = []
-    phase_conv = util._upsampled_conv3x3
+    phase_conv, gemm = util._upsampled_conv3x3, util._upsampled_gemm_conv3x3
     monkeypatch.setattr(util, "cpu_has_bf16", lambda: bf16_instructions)
-    monkeypatch.setattr(util, "_upsampled_conv3x3", lambda *args: used.append(True) or phase_conv(*args))
+    monkeypatch.setattr(util, "_upsampled_conv3x3", lambda *args: used.append("phases") or phase_conv(*args))
+    monkeypatch.setattr(util, "_upsampled_gemm_conv3x3", lambda *args: used.append("gemm") or gemm(*args))
     conv = util.Conv2d(6, 5, 3, padding=1).to(torch.bfloat16)
-    x = torch.randn(1, 6, 64, 64).to(torch.bfloat16)  # between PHASE_CONV_MIN_PIXELS and its bf16 threshold
+    x = torch.randn(1, 6, 64, 65).to(torch.bfloat16)  # between PHASE_CONV_MIN_PIXELS and its bf16 threshold
     out = conv.upsampled(x)
-    assert bool(used) == phases_expected and out.dtype == torch.bfloat16
+    assert used == [expected_path] and out.dtype == torch.bfloat16 and out.shape == (1, 5, 128, 130)
     assert relative_error(out, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))) < 1e-2
+
+
+@pytest.mark.parametrize("side", [3, 8])
+def test_bf16_upsampling_gemm_follows_the_weight_and_stays_off_autograd(monkeypatch, side):
+    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)
+    builds, build = [], util.phase_matrix
+    monkeypatch.setattr(util, "phase_matrix", lambda weight: builds.append(1) or build(weight))
+    conv = util.Conv2d(4, 3, 3, padding=1).to(torch.bfloat16)
+    x = torch.randn(2, 4, side, side + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    def error() -> float:
+        with torch.no_grad():
+            out = conv.upsampled(x)
+        return relative_error(out, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest")))
+
+    assert error() < 1e-2 and error() < 1e-2 and len(builds) == 1  # built once, then kept
+    with torch.no_grad():
+        conv.weight.mul_(-2)  # in place, as load_state_dict does
+    assert error() < 1e-2
+    conv.weight = torch.nn.Parameter(torch.randn_like(conv.weight))  # replaced, as load_state_dict(assign=True)
+    assert error() < 1e-2
+    conv.float().bfloat16()
+    assert error() < 1e-2 and len(builds) == 4
+    out = conv.upsampled(x)  # with gradients: the differentiable path
+    out.float().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
 
 
 @torch.no_grad()

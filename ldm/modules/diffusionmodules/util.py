@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
@@ -36,7 +37,8 @@ GEMM_CONV_MAX_PIXELS = 16 * 16
 # feature maps of at least this many pixels: 16/36 of the multiply-adds, no upsampled intermediate. On smaller
 # maps F(4x4) Winograd on the upsampled map is faster (the UNet's 640-channel 32x32 upsampling: 0.19 s against
 # 0.25-0.31 s). oneDNN's bfloat16 2x2 kernels are slow enough that in bf16 this pays only on the autoencoder's
-# large maps (AMX).
+# large maps (AMX); bfloat16 inference on smaller maps multiplies all four phases at once by one cached matrix
+# (`_upsampled_gemm_conv3x3`: the UNet's 1280-channel 16x16 upsampling 87 against 106-174 ms, AMX).
 PHASE_CONV_MIN_PIXELS = 64 * 64
 PHASE_CONV_MIN_PIXELS_BF16 = 128 * 128
 
@@ -219,6 +221,30 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     return kernels.reshape(-1, *kernels.shape[3:])
 
 
+def phase_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """The four phase kernels of `_phase_weight` as one [4*out, 4*in] matrix, columns (kernel row, kernel
+    column, channel); the taps are summed in float32 and rounded once to the weight's dtype."""
+    kernels = _phase_weight(weight.float())
+    return kernels.permute(0, 2, 3, 1).reshape(kernels.shape[0], -1).to(weight.dtype)
+
+
+def _upsampled_gemm_conv3x3(x: torch.Tensor, matrix: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(x)) (stride 1, padding 1) as one matrix product with the `phase_matrix` of
+    its weight over the 2x2 im2col of the padded input; channels-last output. 16/36 of the multiply-adds of the
+    upsampled convolution in one large product, where oneDNN's bfloat16 2x2 convolutions are slow."""
+    b, _, h, w = x.shape
+    out_channels = matrix.shape[0] // 4
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    columns = torch.stack([padded[:, i:i + h + 1, j:j + w + 1] for i in (0, 1) for j in (0, 1)], dim=3)
+    phases = linear_product(columns.view(b, h + 1, w + 1, -1), matrix, None if bias is None else bias.repeat(4))
+    phases = phases.unflatten(-1, (2, 2, out_channels))  # [b, h+1, w+1, r, c, out]
+    out = x.new_empty(b, h, 2, w, 2, out_channels)
+    for r in (0, 1):
+        for c in (0, 1):
+            out[:, :, r, :, c] = phases[:, r:r + h, c:c + w, r, c]
+    return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
+
+
 def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """conv3x3(nearest_upsample_2x(x)) (stride 1, padding 1) through `_phase_weight`; channels-last output.
 
@@ -246,8 +272,9 @@ class Conv2d(nn.Conv2d):
     On the CPU, wide 3x3 convolutions run as one GEMM on small feature maps (float32 and bfloat16) and by
     Winograd's algorithm on large ones (float32; see winograd.py), 1x1 convolutions of channels-last bfloat16
     maps as linear products over the pixels (`linear_product`; oneDNN's bf16 1x1 kernel is 0-90 % slower),
-    `upsampled` fuses a nearest 2x upsampling into the convolution, and bfloat16 maths on a CPU without bf16
-    instructions runs in float32 (see `emulated_bf16`).
+    `upsampled` fuses a nearest 2x upsampling into the convolution (in bfloat16 inference on small maps through a
+    cached matrix of its phase kernels), and bfloat16 maths on a CPU without bf16 instructions runs in float32
+    (see `emulated_bf16`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,19 +285,36 @@ class Conv2d(nn.Conv2d):
         return self._cpu_forward(x, self.weight, self.bias)
 
     def upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        """self(nearest 2x upsampling of x), without the upsampled map where that is faster (large CPU maps)."""
+        """self(nearest 2x upsampling of x), without the upsampled map where that is faster (CPU maps; in bfloat16
+        inference on maps under PHASE_CONV_MIN_PIXELS_BF16 one matrix product with the cached `phase_matrix`)."""
+        if (x.device.type != "cpu" or x.ndim != 4 or self.kernel_size != (3, 3) or self.stride != (1, 1)
+                or self.padding != (1, 1) or self.dilation != (1, 1) or self.groups != 1):
+            return self(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        pixels = x.shape[-2] * x.shape[-1]
+        if pixels < PHASE_CONV_MIN_PIXELS_BF16 and _native_bf16_inference(x, self.weight):
+            return _upsampled_gemm_conv3x3(x, self._phase_matrix(), self.bias)
         emulated = emulated_bf16(x, self.weight)
         native_bf16 = x.dtype == torch.bfloat16 and not emulated
-        min_pixels = PHASE_CONV_MIN_PIXELS_BF16 if native_bf16 else PHASE_CONV_MIN_PIXELS
-        if (x.device.type != "cpu" or x.ndim != 4 or x.shape[-2] * x.shape[-1] < min_pixels
-                or self.kernel_size != (3, 3) or self.stride != (1, 1) or self.padding != (1, 1)
-                or self.dilation != (1, 1) or self.groups != 1):
+        if pixels < (PHASE_CONV_MIN_PIXELS_BF16 if native_bf16 else PHASE_CONV_MIN_PIXELS):
             return self(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         if emulated:
             with torch.autocast("cpu", enabled=False):
                 bias = None if self.bias is None else self.bias.float()
                 return _upsampled_conv3x3(x.float(), self.weight.float(), bias).to(torch.bfloat16)
         return _upsampled_conv3x3(x, self.weight, self.bias)
+
+    def _phase_matrix(self) -> torch.Tensor:
+        """`phase_matrix(self.weight)`, kept until the weight changes (16/9 of the weight's size; it takes longer
+        to build than the convolution)."""
+        cached = self.__dict__.get("_phase_matrix_cache")
+        if cached is None or cached[0]() is not self.weight or cached[1] != self.weight._version:
+            matrix = phase_matrix(self.weight.detach())
+            cached = self.__dict__["_phase_matrix_cache"] = (weakref.ref(self.weight), self.weight._version, matrix)
+        return cached[2]
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_phase_matrix_cache", None)
+        return super()._apply(fn, recurse)
 
     def _cpu_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The convolution, by the fastest of the CPU fast paths that applies (the GEMM also in bfloat16: the
