@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.tiled_decode import tile_layout, tiled_decode
+from ldm.modules import attention
 from ldm.modules.attention import FeedForward
 from ldm.modules.diffusionmodules import chunks, util, winograd
 from tests.model_factory import random_tiny_model
@@ -207,6 +208,20 @@ def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
 
 
 @torch.no_grad()
+@torch.no_grad()
+@pytest.mark.parametrize("keys,padded_width", [(64, 48), (16, 40)])
+def test_fp32_attention_over_many_keys_pads_heads_with_the_same_result(monkeypatch, keys, padded_width):
+    monkeypatch.setattr(attention, "HEAD_PADDING_MIN_KEYS", 64)
+    sdpa, widths = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *args, **kw: widths.append(q.shape[-1])
+                        or sdpa(q, *args, **kw))
+    q, k, v = torch.randn(2, 70, 8 * 40), torch.randn(2, keys, 8 * 40), torch.randn(2, keys, 8 * 40)
+    out = attention.multi_head_attention(q, k, v, heads=8)
+    heads = [t.unflatten(-1, (8, 40)).transpose(1, 2) for t in (q, k, v)]
+    reference = sdpa(*heads).transpose(1, 2).reshape(2, 70, -1)
+    assert widths == [padded_width] and relative_error(out, reference) < 1e-6
+
+
 @pytest.mark.skipif(util._onednn_linear() is None, reason="this torch build has no oneDNN linear primitive")
 def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeypatch):
     onednn_linear, calls = util._onednn_linear(), []

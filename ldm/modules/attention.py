@@ -58,6 +58,14 @@ class FeedForward(nn.Module):
         return torch.cat([self.net(part) for part in tokens.split(rows)]).view(*x.shape[:-1], -1)
 
 
+# On the CPU, float32 attention over at least this many keys pads heads whose width is not a multiple of
+# HEAD_WIDTH_MULTIPLE with zeros up to one: the flash kernel's matrix products run 4-5 % faster on such widths (the
+# UNet's 4096-token self-attention, heads of 40), and the zeros add nothing to any dot product (the results were
+# bit-identical on AVX-512). Over fewer keys (the 77 text tokens) the copies cost more than they save.
+HEAD_PADDING_MIN_KEYS = 1024
+HEAD_WIDTH_MULTIPLE = 16
+
+
 def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over `heads` heads; inputs and output are [batch, tokens, heads*d]."""
     batch, _, inner = q.shape
@@ -66,6 +74,12 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     if emulated_bf16(q):
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    elif (q.device.type == "cpu" and q.dtype == torch.float32 and k.shape[2] >= HEAD_PADDING_MIN_KEYS
+          and dim_head % HEAD_WIDTH_MULTIPLE and not torch.compiler.is_compiling()
+          and not (torch.is_grad_enabled() and q.requires_grad)):
+        padding = (0, -dim_head % HEAD_WIDTH_MULTIPLE)
+        q, k, v = (F.pad(t, padding) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, scale=dim_head ** -0.5)[..., :dim_head]
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, -1, inner)
