@@ -208,7 +208,6 @@ def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
 
 
 @torch.no_grad()
-@torch.no_grad()
 @pytest.mark.parametrize("keys,padded_width", [(64, 48), (16, 40)])
 def test_fp32_attention_over_many_keys_pads_heads_with_the_same_result(monkeypatch, keys, padded_width):
     monkeypatch.setattr(attention, "HEAD_PADDING_MIN_KEYS", 64)
@@ -222,6 +221,7 @@ def test_fp32_attention_over_many_keys_pads_heads_with_the_same_result(monkeypat
     assert widths == [padded_width] and relative_error(out, reference) < 1e-6
 
 
+@torch.no_grad()
 @pytest.mark.skipif(util._onednn_linear() is None, reason="this torch build has no oneDNN linear primitive")
 def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeypatch):
     onednn_linear, calls = util._onednn_linear(), []
