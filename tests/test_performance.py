@@ -1,4 +1,7 @@
 """The CPU fast paths compute what the plain layers compute, and the tiled VAE decode blends tiles without seams."""
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +96,9 @@ def test_bf16_upsampling_gemm_follows_the_weight_and_stays_off_autograd(monkeypa
     assert error() < 1e-2
     conv.float().bfloat16()
     assert error() < 1e-2 and len(builds) == 4
+    conv.weight.data = torch.randn_like(conv.weight)  # new data in the same parameter
+    assert error() < 1e-2 and len(builds) == 5
+    assert pickle.loads(pickle.dumps(conv)).upsampled(x).shape == copy.deepcopy(conv).upsampled(x).shape
     out = conv.upsampled(x)  # with gradients: the differentiable path
     out.float().sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ldm.modules.diffusionmodules import chunks
 from ldm.modules.diffusionmodules.winograd import winograd_conv3x3
@@ -41,6 +41,10 @@ GEMM_CONV_MAX_PIXELS = 16 * 16
 # (`_upsampled_gemm_conv3x3`: the UNet's 1280-channel 16x16 upsampling 87 against 106-174 ms, AMX).
 PHASE_CONV_MIN_PIXELS = 64 * 64
 PHASE_CONV_MIN_PIXELS_BF16 = 128 * 128
+
+# `Conv2d._phase_matrix`'s matrices, by weight tensor: an entry goes with its weight, and the modules hold no
+# extra state (they pickle and copy as before).
+_PHASE_MATRICES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2,
@@ -306,14 +310,15 @@ class Conv2d(nn.Conv2d):
     def _phase_matrix(self) -> torch.Tensor:
         """`phase_matrix(self.weight)`, kept until the weight changes (16/9 of the weight's size; it takes longer
         to build than the convolution)."""
-        cached = self.__dict__.get("_phase_matrix_cache")
-        if cached is None or cached[0]() is not self.weight or cached[1] != self.weight._version:
-            matrix = phase_matrix(self.weight.detach())
-            cached = self.__dict__["_phase_matrix_cache"] = (weakref.ref(self.weight), self.weight._version, matrix)
-        return cached[2]
+        weight = self.weight
+        state = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
+        cached = _PHASE_MATRICES.get(weight)
+        if cached is None or cached[0] != state:
+            cached = _PHASE_MATRICES[weight] = (state, phase_matrix(weight.detach()))
+        return cached[1]
 
     def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_phase_matrix_cache", None)
+        _PHASE_MATRICES.pop(self.weight, None)
         return super()._apply(fn, recurse)
 
     def _cpu_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
