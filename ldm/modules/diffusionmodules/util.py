@@ -194,6 +194,13 @@ def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return F.linear(x, weight, bias)
 
 
+def _windows(padded: torch.Tensor, size: int, stride: int, out_h: int, out_w: int) -> list[torch.Tensor]:
+    """The size x size views of channels-last `padded` [b, height, width, c] that im2col stacks: for each kernel
+    position (row-major), the [b, out_h, out_w, c] pixels it meets."""
+    return [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            for i in range(size) for j in range(size)]
+
+
 def _gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   stride: int = 1) -> torch.Tensor:
     """A padding-1 3x3 convolution of stride 1 or 2 as im2col and one matrix product; channels-last output.
@@ -203,9 +210,7 @@ def _gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     columns are also quicker to gather (whole runs of channels)."""
     b, _, h, w = x.shape
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    shifted = [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
-               for i in range(3) for j in range(3)]
+    shifted = _windows(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)), 3, stride, out_h, out_w)
     if weight.is_contiguous():
         columns, matrix = torch.stack(shifted, dim=-1), weight.view(weight.shape[0], -1)
     else:
@@ -225,6 +230,16 @@ def _phase_weight(weight: torch.Tensor) -> torch.Tensor:
     return kernels.reshape(-1, *kernels.shape[3:])
 
 
+def _write_phases(out: torch.Tensor, phases: torch.Tensor, top: int, rows: int) -> None:
+    """Phase maps [b, rows+1, w+1, 2, 2, out] (from the 2x2 kernels of `_phase_weight` on the padded input) into
+    input rows top..top+rows of `out` [b, h, 2, w, 2, out]: output phase (r, c) of input pixel (i, j) is phase
+    map position (i + r, j + c)."""
+    width = out.shape[3]
+    for r in (0, 1):
+        for c in (0, 1):
+            out[:, top:top + rows, r, :, c] = phases[:, r:r + rows, c:c + width, r, c]
+
+
 def phase_matrix(weight: torch.Tensor) -> torch.Tensor:
     """The four phase kernels of `_phase_weight` as one [4*out, 4*in] matrix, columns (kernel row, kernel
     column, channel); the taps are summed in float32 and rounded once to the weight's dtype."""
@@ -238,14 +253,11 @@ def _upsampled_gemm_conv3x3(x: torch.Tensor, matrix: torch.Tensor, bias: Optiona
     upsampled convolution in one large product, where oneDNN's bfloat16 2x2 convolutions are slow."""
     b, _, h, w = x.shape
     out_channels = matrix.shape[0] // 4
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
-    columns = torch.stack([padded[:, i:i + h + 1, j:j + w + 1] for i in (0, 1) for j in (0, 1)], dim=3)
+    columns = torch.stack(_windows(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)), 2, 1, h + 1, w + 1), dim=3)
     phases = linear_product(columns.view(b, h + 1, w + 1, -1), matrix, None if bias is None else bias.repeat(4))
     phases = phases.unflatten(-1, (2, 2, out_channels))  # [b, h+1, w+1, r, c, out]
     out = x.new_empty(b, h, 2, w, 2, out_channels)
-    for r in (0, 1):
-        for c in (0, 1):
-            out[:, :, r, :, c] = phases[:, r:r + h, c:c + w, r, c]
+    _write_phases(out, phases, 0, h)
     return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
 
 
@@ -264,9 +276,7 @@ def _upsampled_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
         rows = min(band, h - top)
         phases = F.conv2d(padded[:, :, top:top + rows + 2], phase_weight, phase_bias)  # rows + 1 phase rows
         phases = phases.permute(0, 2, 3, 1).unflatten(-1, (2, 2, out_channels))  # [b, rows+1, w+1, r, c, out]
-        for r in (0, 1):
-            for c in (0, 1):
-                out[:, top:top + rows, r, :, c] = phases[:, r:r + rows, c:c + w, r, c]
+        _write_phases(out, phases, top, rows)
     return out.view(b, 2 * h, 2 * w, out_channels).permute(0, 3, 1, 2)
 
 
