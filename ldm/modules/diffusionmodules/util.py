@@ -194,9 +194,10 @@ def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return F.linear(x, weight, bias)
 
 
-def _windows(padded: torch.Tensor, size: int, stride: int, out_h: int, out_w: int) -> list[torch.Tensor]:
-    """The size x size views of channels-last `padded` [b, height, width, c] that im2col stacks: for each kernel
-    position (row-major), the [b, out_h, out_w, c] pixels it meets."""
+def _windows(x: torch.Tensor, size: int, stride: int, out_h: int, out_w: int) -> list[torch.Tensor]:
+    """What im2col stacks: `x` [b, c, height, width] padded by one pixel on each side, channels-last, and for each
+    position of a size x size kernel (row-major) the [b, out_h, out_w, c] pixels it meets."""
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
     return [padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
             for i in range(size) for j in range(size)]
 
@@ -210,7 +211,7 @@ def _gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     columns are also quicker to gather (whole runs of channels)."""
     b, _, h, w = x.shape
     out_h, out_w = (h - 1) // stride + 1, (w - 1) // stride + 1
-    shifted = _windows(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)), 3, stride, out_h, out_w)
+    shifted = _windows(x, 3, stride, out_h, out_w)
     if weight.is_contiguous():
         columns, matrix = torch.stack(shifted, dim=-1), weight.view(weight.shape[0], -1)
     else:
@@ -253,7 +254,7 @@ def _upsampled_gemm_conv3x3(x: torch.Tensor, matrix: torch.Tensor, bias: Optiona
     upsampled convolution in one large product, where oneDNN's bfloat16 2x2 convolutions are slow."""
     b, _, h, w = x.shape
     out_channels = matrix.shape[0] // 4
-    columns = torch.stack(_windows(F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1)), 2, 1, h + 1, w + 1), dim=3)
+    columns = torch.stack(_windows(x, 2, 1, h + 1, w + 1), dim=3)
     phases = linear_product(columns.view(b, h + 1, w + 1, -1), matrix, None if bias is None else bias.repeat(4))
     phases = phases.unflatten(-1, (2, 2, out_channels))  # [b, h+1, w+1, r, c, out]
     out = x.new_empty(b, h, 2, w, 2, out_channels)
