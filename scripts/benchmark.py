@@ -6,7 +6,8 @@ and `AutoencoderKL` with diffusers' own original-to-diffusers conversion functio
 shared, not copied). Measured, interleaved, after a warm-up, median of the repeats; the ratio is the
 median of ours / diffusers over the repeats, each pair measured back to back:
 
-* UNet step: one forward of a batch of 2 (one image with classifier-free guidance) per dtype;
+* UNet step: one forward of a batch of 2 (one image with classifier-free guidance: the same latent under
+  the unconditional and the conditional context) per dtype;
 * txt2img: text encoding, N DDIM steps with guidance 7.5, VAE decode (first dtype only);
 * load: checkpoint file to a ready model, per format, each in a fresh process, with its peak RSS;
 * render memory: peak RSS (CPU) or `max_memory_allocated` (CUDA) of a fresh process that loads the
@@ -54,6 +55,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("ours", "diffusers")
 ORIGINAL_WORKER = REPO / "scripts" / "benchmark_original.py"
 COMPILED = " (ours compiled)"
+DISTINCT = " (distinct latents)"
 
 
 # --- weights -------------------------------------------------------------------------------------------------
@@ -190,13 +192,17 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 @torch.no_grad()
 def unet_step_rows(model: torch.nn.Module, config_path: Path, dtype_name: str, resolution: int, batch: int,
                    args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Our UNet and diffusers' on the same weights, inputs and dtype."""
+    """Our UNet and diffusers' on the same weights, inputs and dtype. An even batch is a guided step's, as both
+    pipelines' samplers call the UNet: batch/2 latents twice, the same timestep, under two different contexts
+    (unconditional and conditional); `--distinct_latents` draws every latent."""
     dtype = DTYPES[dtype_name]
     ours = unet_copy(model, config_path, dtype)
     theirs = diffusers_unet_from(ours, config_path, resolution // 8)
     generator = torch.Generator().manual_seed(1)
     context_dim = OmegaConf.load(config_path).model.params.unet_config.params.context_dim
-    x = torch.randn(batch, 4, resolution // 8, resolution // 8, generator=generator).to(device, dtype)
+    guided = batch % 2 == 0 and not args.distinct_latents
+    latents = torch.randn(batch // 2 if guided else batch, 4, resolution // 8, resolution // 8, generator=generator)
+    x = (torch.cat([latents, latents]) if guided else latents).to(device, dtype)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     context = torch.randn(batch, 77, context_dim, generator=generator).to(device, dtype)
     if args.compile:
@@ -205,7 +211,9 @@ def unet_step_rows(model: torch.nn.Module, config_path: Path, dtype_name: str, r
              "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample}
     error = relative_error(cases["ours"](), cases["diffusers"]())
     times = interleaved(cases, args.warmup, args.repeats, device)
-    return {"measure": f"UNet step {dtype_name}{COMPILED if args.compile else ''}", "resolution": resolution, "batch": batch,
+    inputs = "" if guided else DISTINCT
+    return {"measure": f"UNet step {dtype_name}{COMPILED if args.compile else ''}{inputs}", "resolution": resolution,
+            "batch": batch,
             "relative_difference": error, **{name: times[name] for name in IMPLEMENTATIONS}}
 
 
@@ -540,6 +548,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="resolution of the bf16 UNet comparison (default: --resolution, or 128 on a CPU "
                              "without bf16 instructions, where diffusers takes minutes per 512x512 step)")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with guidance)")
+    parser.add_argument("--distinct_latents", action="store_true",
+                        help="draw every latent of the UNet batch (default: an even batch is a guided step's, each "
+                             "latent twice under two contexts, as the samplers call the UNet)")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps of the txt2img measurement")
     parser.add_argument("--memory_steps", type=int, default=1, help="DDIM steps of the peak-memory render")
     parser.add_argument("--warmup", type=int, default=1)

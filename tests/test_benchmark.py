@@ -60,6 +60,27 @@ def test_compiled_rows_are_labelled(benchmark, monkeypatch, tmp_path):
     assert len(compiled) == 1
 
 
+@pytest.mark.parametrize("flags,name,guided", [([], "UNet step fp32", True),
+                                                (["--distinct_latents"], "UNet step fp32 (distinct latents)", False)])
+def test_unet_step_is_a_guided_step_unless_latents_are_distinct(benchmark, monkeypatch, tmp_path, flags, name,
+                                                                guided):
+    batches = []
+    unet_copy = benchmark.unet_copy
+
+    def spied_copy(*args):
+        unet = unet_copy(*args)
+        unet.register_forward_pre_hook(lambda module, inputs: batches.append(inputs[0]))
+        return unet
+
+    monkeypatch.setattr(benchmark, "unet_copy", spied_copy)
+    out = tmp_path / "bench.json"
+    benchmark.main(["--tiny", "--resolution", "64", "--warmup", "0", "--repeats", "1", "--threads", "1",
+                    "--dtypes", "fp32", "--skip", "txt2img,load,memory", "--json", str(out), *flags])
+    assert [row["measure"] for row in json.loads(out.read_text())["rows"]] == [name]
+    x = batches[0]
+    assert x.shape[0] == 2 and torch.equal(x[0], x[1]) == guided
+
+
 def test_tiled_decode_row(benchmark, tmp_path, capsys):
     out = tmp_path / "bench.json"
     benchmark.main(["--tiny", "--threads", "1", "--skip", "unet,txt2img,load,memory", "--tiled_decode_resolution",

@@ -344,3 +344,21 @@ def test_tiled_decode_runs_at_a_size(autoencoder):
         autoencoder.disable_tiling()
     assert image.shape == (1, 3, 768, 640)
     assert torch.isfinite(image).all()
+
+
+@pytest.mark.parametrize("guided,grad", [(True, False), (False, False), (True, True)])
+def test_guided_step_runs_the_layers_before_cross_attention_once_with_the_same_result(guided, grad):
+    unet = random_tiny_model().model.diffusion_model
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    other = latents if guided else torch.randn(2, 4, 8, 8, generator=generator)
+    t = torch.tensor([10, 700])
+    context = torch.randn(4, 5, 32, generator=generator)  # [unconditional, conditional]
+    batches = []
+    unet.input_blocks[0].register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
+    with torch.set_grad_enabled(grad):
+        out = unet(torch.cat([latents, other]), torch.cat([t, t]), context=context)
+    with torch.no_grad():
+        reference = torch.cat([unet(latents, t, context=context[:2]), unet(other, t, context=context[2:])])
+    assert batches[0] == (2 if guided and not grad else 4)
+    assert out.shape == reference.shape and relative_error(out, reference) < 1e-5

@@ -129,6 +129,8 @@ class BasicTransformerBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
+        if context is not None and context.shape[0] > x.shape[0] and context.shape[0] % x.shape[0] == 0:
+            x = torch.cat([x] * (context.shape[0] // x.shape[0]))  # rows shared by the contexts (see UNetModel)
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -160,4 +162,6 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).unflatten(2, (h, w))  # a channels-last view
         if not x_in.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()  # keep a contiguous network contiguous (mixed layouts make oneDNN copy weights)
+        if x.shape[0] != b:  # the blocks spread rows shared by the contexts over them
+            x_in = torch.cat([x_in] * (x.shape[0] // b))
         return self.proj_out(x) + x_in
