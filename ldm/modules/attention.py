@@ -85,6 +85,12 @@ def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     return out.transpose(1, 2).reshape(batch, -1, inner)
 
 
+def spread_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`x` repeated along the batch to `rows` rows: the rows that the contexts of a guided step share (see
+    `UNetModel._guided_pair`), spread over them."""
+    return x if x.shape[0] == rows else torch.cat([x] * (rows // x.shape[0]))
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of x on `context` (self-attention when no context is given)."""
 
@@ -130,7 +136,7 @@ class BasicTransformerBlock(nn.Module):
     def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
         if context is not None and context.shape[0] > x.shape[0] and context.shape[0] % x.shape[0] == 0:
-            x = torch.cat([x] * (context.shape[0] // x.shape[0]))  # rows shared by the contexts (see UNetModel)
+            x = spread_rows(x, context.shape[0])
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x
 
@@ -153,7 +159,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = zero_module(Conv2d(inner_dim, in_channels, kernel_size=1))
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[-2:]
         x_in = x
         x = self.proj_in(self.norm(x))
         x = x.flatten(2).transpose(1, 2)
@@ -162,6 +168,4 @@ class SpatialTransformer(nn.Module):
         x = x.transpose(1, 2).unflatten(2, (h, w))  # a channels-last view
         if not x_in.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous()  # keep a contiguous network contiguous (mixed layouts make oneDNN copy weights)
-        if x.shape[0] != b:  # the blocks spread rows shared by the contexts over them
-            x_in = torch.cat([x_in] * (x.shape[0] // b))
-        return self.proj_out(x) + x_in
+        return self.proj_out(x) + spread_rows(x_in, x.shape[0])

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer
+from ldm.modules.attention import SpatialTransformer, spread_rows
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -270,8 +270,7 @@ class UNetModel(nn.Module):
         """Predict the noise in `x` at `timesteps` given the text `context` [B, tokens, context_dim]."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y exactly when the model is class-conditional")
-        copies = 2 if self._guided_pair(x, timesteps, context, y) else 1
-        if copies == 2:
+        if self._guided_pair(x, timesteps, context, y):
             half = x.shape[0] // 2
             x, y = x[:half], None if y is None else y[:half]
             timesteps = timesteps if timesteps.ndim == 0 else timesteps[:half]
@@ -290,7 +289,7 @@ class UNetModel(nn.Module):
         for module in self.input_blocks:
             h = module(h, emb, context)
             if h.shape[0] != emb.shape[0]:  # the first transformer spread the shared rows over the contexts
-                emb, skips = torch.cat([emb] * copies), [torch.cat([skip] * copies) for skip in skips]
+                emb, skips = spread_rows(emb, h.shape[0]), [spread_rows(skip, h.shape[0]) for skip in skips]
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
