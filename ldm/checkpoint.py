@@ -15,7 +15,6 @@ import functools
 import itertools
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from ldm.config_files import read_plain_config
-from ldm.errors import CheckpointError, first_line
+from ldm.errors import CheckpointError, describe_pickle_refusal, first_line
 from ldm.safetensors_mmap import SafetensorsFormatError, load_mapped
 from ldm.util import instantiate_from_config
 
@@ -62,24 +61,16 @@ def _sniff_format(path: Path) -> str:
     return "unknown"
 
 
-def _refusal(error: Exception) -> Optional[str]:
-    match = re.search(r"(?:Unsupported global|GLOBAL|Unsupported operand)[:\s]*([\w.]+(?:\s[\w.]+)?)", str(error))
-    if "weights_only" in str(error) or "Weights only load failed" in str(error) or match:
-        name = match.group(1) if match else "an object that is not a tensor"
-        return name
-    return None
-
-
 def _load_pickle_checkpoint(path: Path, fmt: str) -> Any:
     try:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "zip"))
     except Exception as error:
-        refused = _refusal(error)
-        if refused is not None and "central directory" not in str(error):
+        refused = describe_pickle_refusal(error)
+        if refused is not None:
             raise CheckpointError(
-                f"refused to load {path}: the file asks to run code or build objects ({refused}); checkpoints are "
-                "loaded as weights only. Use a checkpoint from a trusted source, or convert it to .safetensors"
+                f"refused to load {path}: {refused}. Checkpoints are loaded as weights only, never as code: "
+                "use a checkpoint from a trusted source, or convert it to .safetensors"
             ) from error
         raise CheckpointError(
             f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint ({first_line(error)}); "

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.checkpoint import load_model_from_config, no_weight_init, plain_attributes_set_directly, read_checkpoint
-from ldm.errors import CheckpointError
+from ldm.errors import CheckpointError, describe_pickle_refusal
 from ldm.util import instantiate_from_config
 from tests.model_factory import random_tiny_model, tiny_config
 
@@ -117,13 +117,25 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
+class _UnknownClass:
+    """A class no checkpoint loader knows: pickled by reference as tests.test_checkpoint._UnknownClass."""
+
+
+def assert_clean_refusal(message: str, callable_name: str) -> None:
+    """A refusal in words: it names what the file asks to call and quotes none of torch's advice."""
+    assert message.startswith("refused to load ") and f"it asks to call {callable_name}." in message
+    assert "weights_only=False" not in message and "`" not in message and "\x1b" not in message
+    assert "\n" not in message and "(" not in message
+
+
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode(marker)}, path)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError) as info:
         read_checkpoint(path)
     assert not marker.exists()
+    assert_clean_refusal(str(info.value), os.system.__module__ + ".system")
 
 
 def test_legacy_pickle_that_runs_code_is_refused(tmp_path):
@@ -131,9 +143,56 @@ def test_legacy_pickle_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil-legacy.ckpt"
     with open(path, "wb") as handle:
         pickle.dump({"state_dict": _RunsCode(marker)}, handle, protocol=2)
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError) as info:
         read_checkpoint(path)
     assert not marker.exists()
+    assert_clean_refusal(str(info.value), os.system.__module__ + ".system")
+
+
+def test_pickle_of_an_unknown_class_is_refused_by_name(tmp_path):
+    path = tmp_path / "object.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "extra": _UnknownClass()}, path)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert_clean_refusal(str(info.value), "tests.test_checkpoint._UnknownClass")
+
+
+def test_pickle_protocol_4_is_refused_by_its_instruction(tmp_path):
+    """torch's weights-only unpickler reads no protocol-4 framing; it reports the opcode's number (149)."""
+    path = tmp_path / "protocol4.ckpt"
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": _RunsCode(tmp_path / "pwned")}, handle, protocol=4)
+    with pytest.raises(CheckpointError) as info, pytest.warns(UserWarning, match="protocol 4"):
+        read_checkpoint(path)
+    message = str(info.value)
+    assert "the pickle instruction FRAME" in message and "149" not in message
+    assert "weights_only=False" not in message
+
+
+@pytest.mark.parametrize("torch_message, words", [
+    ("Weights only load failed. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, "
+     "but it can result in arbitrary code execution.Do it only if you get the file from a trusted source. "
+     "WeightsUnpickler error: Unsupported class posix.system", "it asks to call posix.system"),
+    ("Weights only load failed.\n\nTrying to load unsupported GLOBAL posix.system whose module posix is blocked.",
+     "it asks to call posix.system"),
+    ("Weights only load failed. WeightsUnpickler error: Unsupported global: GLOBAL eval was not an allowed global "
+     "by default. Please use `torch.serialization.add_safe_globals([eval])`", "it asks to call eval"),
+    ("Weights only load failed. WeightsUnpickler error: Can only build Tensor, Parameter, OrderedDict or types "
+     "allowlisted via `add_safe_globals`, but got <class 'shady.Thing'>", "it asks to build or call shady.Thing"),
+    ("Weights only load failed. WeightsUnpickler error: Unsupported operand 149",
+     "it uses the pickle instruction FRAME, which loading weights only does not read"),
+    ("Weights only load failed. WeightsUnpickler error: something new",
+     "it holds Python objects other than tensors and plain containers"),
+])
+def test_refusals_across_torch_versions_are_put_in_words(torch_message, words):
+    assert describe_pickle_refusal(pickle.UnpicklingError(torch_message)) == words
+
+
+def test_corrupt_files_are_not_described_as_refusals():
+    assert describe_pickle_refusal(RuntimeError("PytorchStreamReader failed reading zip archive")) is None
+    assert describe_pickle_refusal(EOFError()) is None
+    # A text file read as a pickle: its first byte, "n" (110), is no pickle instruction.
+    assert describe_pickle_refusal(pickle.UnpicklingError("Weights only load failed. Unsupported operand 110")) is None
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])

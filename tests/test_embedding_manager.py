@@ -4,6 +4,7 @@ attach_embeddings' errors."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -250,13 +251,39 @@ def bad_file(tmp_path, kind):
 
 @pytest.mark.parametrize("kind, message", [("corrupt", "cannot read"), ("garbage", "cannot read"),
                                            ("wide", "width 32"), ("multi-token", "not one"),
-                                           ("checkpoint", "model checkpoint"), ("code", "cannot read"),
+                                           ("checkpoint", "model checkpoint"), ("code", "asks to call copy.copy"),
                                            ("missing", "not found")])
 def test_attach_bad_files(tmp_path, kind, message):
     model = random_tiny_model(config=tiny_config())
     with pytest.raises(UserInputError, match=message) as error:
         attach_embeddings(model, [bad_file(tmp_path, kind)])
     assert "\n" not in str(error.value)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _UnknownClass:
+    """A class no embedding loader knows: pickled by reference as tests.test_embedding_manager._UnknownClass."""
+
+
+@pytest.mark.parametrize("payload, callable_name", [
+    (_RunsCode, os.system.__module__ + ".system"), (lambda marker: _UnknownClass(), __name__ + "._UnknownClass")])
+def test_embedding_that_asks_for_code_is_refused_in_words(tmp_path, payload, callable_name):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"string_to_param": {"*": torch.randn(1, WIDTH)}, "payload": payload(marker)}, path)
+    with pytest.raises(UserInputError) as error:
+        read_embedding_file(path)
+    message = str(error.value)
+    assert not marker.exists()
+    assert message.startswith(f"refused to load embedding file {path}: it asks to call {callable_name}.")
+    assert "weights_only" not in message and "\n" not in message
 
 
 @pytest.mark.parametrize("params, message", [({"placeholder_strings": ["two words"]}, "not one"),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ldm.data.personalized import per_img_token_list
-from ldm.errors import UserInputError, first_line
+from ldm.errors import UserInputError, describe_pickle_refusal, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +232,11 @@ def _load_embedding_data(path: Path) -> Any:
         with torch.serialization.safe_globals([nn.ParameterDict]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        refused = describe_pickle_refusal(error)
+        if refused is not None:
+            raise UserInputError(f"refused to load embedding file {path}: {refused}. Embeddings are loaded as "
+                                 "weights only, never as code: use a file from a trusted source, or one saved as "
+                                 ".safetensors") from error
         raise UserInputError(f"cannot read embedding file {path}: it is corrupt or not an embedding file "
                              f"({first_line(error)})") from error
 
