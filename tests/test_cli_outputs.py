@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from ldm.cli.outputs import infotext, make_grid, parse_infotext, png_parameters, save_numbered
+from ldm.cli.outputs import describe_numbered, infotext, make_grid, parse_infotext, png_parameters, save_numbered
+from ldm.cli.writer import ImageWriter
 from tests.model_factory import REPO_DIR
 
 
@@ -28,6 +29,30 @@ def test_two_processes_writing_into_one_directory_lose_nothing(tmp_path):
     assert all(writer.wait(timeout=60) == 0 for writer in writers)
     pixels = {Image.open(p).getpixel((0, 0))[:2] for p in tmp_path.glob("*.png")}
     assert len(list(tmp_path.glob("*.png"))) == 60 and len(pixels) == 60
+
+
+def test_numbers_are_described_as_runs():
+    assert describe_numbered(["00008.png", "00003.png", "00004.png", "00005.png", "00010.png", "00011.png"]) == \
+        "00003-00005.png, 00008.png, 00010-00011.png"
+    assert describe_numbered(["00009.png", "00010.png"]) == "00009-00010.png"
+    assert describe_numbered(["99999.png", "100000.png"]) == "99999-100000.png"
+
+
+def test_summary_names_only_this_runs_files_when_another_run_writes_in_between(tmp_path):
+    """Two runs writing into one outdir at the same time: each summary lists exactly its own files."""
+    ours, theirs = (ImageWriter(tmp_path, skip_grid=True) for _ in range(2))
+    ours.prepare()
+    pixels = np.zeros((1, 4, 4, 3))
+    fields = [{"Seed": 0}]
+    for writer in (ours, ours, theirs, ours, theirs, theirs, ours):
+        writer.add(pixels, ["a prompt"], fields)
+    samples = tmp_path / "samples"
+    assert ours.summary(None).endswith(f"4 images in {samples} (00000-00001.png, 00003.png, 00006.png)")
+    assert theirs.summary(None).endswith(f"3 images in {samples} (00002.png, 00004-00005.png)")
+    alone = ImageWriter(tmp_path / "alone", skip_grid=True)
+    alone.prepare()
+    alone.add(np.zeros((3, 4, 4, 3)), ["a prompt"] * 3, fields * 3)
+    assert alone.summary(None).endswith(f"3 images in {tmp_path / 'alone' / 'samples'} (00000-00002.png)")
 
 
 def test_numbering_continues_after_the_highest_existing_number(tmp_path):

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -79,6 +79,18 @@ def save_numbered(image: Image.Image, directory: str | os.PathLike, name_format:
         return _claim(temporary, directory, pattern, name_format)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def describe_numbered(names: Iterable[str], pattern: re.Pattern = SAMPLE_PATTERN) -> str:
+    """Numbered file names as runs of consecutive numbers, in order: "00003-00005.png, 00008.png"."""
+    numbered = sorted((int(match.group(1)), match.group(1), match.group(0)) for match in map(pattern.match, names))
+    runs: list[list[tuple[int, str, str]]] = []
+    for entry in numbered:
+        if runs and entry[0] == runs[-1][-1][0] + 1:
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
+    return ", ".join(run[0][2] if len(run) == 1 else f"{run[0][1]}-{run[-1][2]}" for run in runs)
 
 
 def make_grid(images: Sequence[np.ndarray], columns: int, padding: int = GRID_PADDING) -> np.ndarray:

@@ -10,7 +10,14 @@ import numpy as np
 from PIL import Image
 
 from ldm.cli.images import to_uint8
-from ldm.cli.outputs import GRID_PATTERN, infotext, make_grid, png_parameters, save_numbered
+from ldm.cli.outputs import (
+    GRID_PATTERN,
+    describe_numbered,
+    infotext,
+    make_grid,
+    png_parameters,
+    save_numbered,
+)
 from ldm.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -85,8 +92,10 @@ class ImageWriter:
         """One line that says where the images went."""
         parts = []
         if self.saved:
-            parts.append(f"{len(self.saved)} images in {self.sample_dir} ({self.saved[0].name} to "
-                         f"{self.saved[-1].name})" if len(self.saved) > 1 else f"1 image: {self.saved[0]}")
+            # Only this run's files: another run writing into the same directory may have numbers in between.
+            parts.append(f"{len(self.saved)} images in {self.sample_dir} "
+                         f"({describe_numbered(path.name for path in self.saved)})"
+                         if len(self.saved) > 1 else f"1 image: {self.saved[0]}")
         if grid is not None:
             parts.append(f"grid: {grid}")
         if not parts:
