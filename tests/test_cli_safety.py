@@ -1,10 +1,15 @@
 """The safety checker with a stand-in: a tiny diffusers StableDiffusionSafetyChecker whose thresholds
-flag every image, found through $LDM_SAFETY_CHECKER."""
+flag every image, found through $LDM_SAFETY_CHECKER; and when the invisible watermark says it cannot be applied."""
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ldm.cli.watermark import Watermarker
 from tests.cli_support import FAST, pixels, run_script, sample_names, write_tiny_checkpoint
 
 
@@ -37,3 +42,23 @@ def test_flagged_images_are_replaced_and_reported(tmp_path):
         assert f"flagged {outdir / 'samples' / name}" in run.stderr
     assert "cannot be loaded" not in run.stderr and "Potential NSFW" not in run.stderr
     assert not pixels(outdir / "grid-0000.png").any()
+
+
+def test_images_too_small_for_the_watermark_are_reported_once(caplog):
+    small, large = Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (256, 256), (200, 30, 30))
+    marker = Watermarker()
+    with caplog.at_level(logging.DEBUG, logger="ldm"):
+        assert [marker(small) is small for _ in range(3)] == [True] * 3
+        assert (np.asarray(marker(large)) != np.asarray(large)).any()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "64x64 images are too small to carry the invisible watermark (it needs 256x256 pixels); "
+                          "saving them without it")]
+
+
+def test_demo_runs_say_nothing_about_the_watermark(tmp_path):
+    """The demo model's images are 32x32: never watermarked, and no warning about it on any run."""
+    run = run_script("txt2img.py", "--demo", "--prompt", "a red circle on a blue background", "--n_samples", "1",
+                     "--n_iter", "2", "--ddim_steps", "2", "--outdir", tmp_path / "out", tmp=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert sample_names(tmp_path / "out") == ["00000.png", "00001.png"]
+    assert "watermark" not in run.stderr

@@ -93,10 +93,13 @@ def open_session(opt: argparse.Namespace, config: Mapping[str, Any]) -> Session:
         compile_unet(model)
     if safety is not None:
         safety.load(cpu if opt.lowvram else device)
+    # The demo model's images are 32x32, too small for the watermark by design: no warning for them.
+    watermark = None if opt.no_watermark else Watermarker(
+        small_image_level=logging.DEBUG if opt.demo else logging.WARNING)
     writer = ImageWriter(opt.outdir, negative_prompt=opt.negative_prompt, grid_columns=opt.n_rows or opt.n_samples,
                          skip_save=opt.skip_save, skip_grid=opt.skip_grid,
                          safety=safety if safety is not None and safety.available else None,
-                         watermark=None if opt.no_watermark else Watermarker())
+                         watermark=watermark)
     writer.prepare()
     logger.info("sampling on %s (%s precision) with %s", device, opt.precision, SAMPLER_LABELS[opt.sampler])
     return Session(opt=opt, model=model, sampler=make_sampler(opt.sampler, model), device=device, writer=writer,

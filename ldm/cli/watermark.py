@@ -15,21 +15,24 @@ MIN_PIXELS = 256 * 256  # invisible-watermark refuses smaller images
 
 
 class Watermarker:
-    """Puts the watermark into PIL images; images too small to carry it are left as they are (said once)."""
+    """Puts the watermark into PIL images. Images too small to carry it are left as they are; the first one is
+    reported at `small_image_level`: a warning where the user chose the size, debug where every image is small
+    by design (the demo model's 32x32)."""
 
-    def __init__(self, content: bytes = WATERMARK):
+    def __init__(self, content: bytes = WATERMARK, small_image_level: int = logging.WARNING):
         from imwatermark import WatermarkEncoder
 
         self.encoder = WatermarkEncoder()
         self.encoder.set_watermark("bytes", content)
-        self._warned = False
+        self.small_image_level = small_image_level
+        self._reported = False
 
     def __call__(self, image: Image.Image) -> Image.Image:
         if image.width * image.height < MIN_PIXELS:
-            if not self._warned:
-                logger.warning("images smaller than 256x256 pixels cannot carry the invisible watermark; "
-                               "saving them without it")
-                self._warned = True
+            if not self._reported:
+                logger.log(self.small_image_level, "%dx%d images are too small to carry the invisible watermark "
+                           "(it needs 256x256 pixels); saving them without it", image.width, image.height)
+                self._reported = True
             return image
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         encoded = self.encoder.encode(bgr, METHOD)
