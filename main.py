@@ -2,7 +2,7 @@
 """Train latent diffusion models, KL autoencoders and textual-inversion embeddings with PyTorch Lightning 2.
 
     python main.py --base configs/latent-diffusion/<config>.yaml -t --gpus 0,
-    python main.py -r logs/<run>                       # resume where the run stopped
+    python main.py -r logs/<run>                       # resume where the run stopped and train on
     python main.py --base configs/stable-diffusion/v1-finetune.yaml -t --actual_resume model.ckpt \\
         -n my_concept --gpus 0, --data_root path/to/images --init_word sculpture
 
@@ -74,7 +74,8 @@ def get_parser() -> argparse.ArgumentParser:
                         help="resume from a log directory (its checkpoints/last.ckpt) or from a checkpoint in one")
     parser.add_argument("-b", "--base", nargs="*", metavar="base_config.yaml", default=[],
                         help="config files, merged left to right; later key=value arguments override them")
-    parser.add_argument("-t", "--train", type=str2bool, const=True, default=False, nargs="?", help="train")
+    parser.add_argument("-t", "--train", type=str2bool, const=True, default=None, nargs="?",
+                        help="train; without it a run only tests, except that -r trains on (-t false: only test)")
     parser.add_argument("--no-test", type=str2bool, const=True, default=False, nargs="?",
                         help="skip testing after training")
     parser.add_argument("-p", "--project", help="group the run's log directory under logs/<project>/")
@@ -159,23 +160,32 @@ def only_embeddings_train(model: Any) -> bool:
 
 
 def train(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
+    """Train (or only test) the run `opt` describes; its config is checked before anything is built."""
     from omegaconf import OmegaConf
 
+    from ldm.training.config_checks import refuse_missing_params
     from ldm.training.devices import device_settings
     from ldm.training.run import merged_config, run_paths
 
     paths, files = run_paths(opt.base, opt.name, opt.resume, opt.logdir, opt.postfix, opt.project)
     config, lightning_config = merged_config(files, overrides)
     apply_textual_inversion_options(opt, config)
+    for section in ("model", "data"):
+        refuse_missing_params(config.get(section), section)
     trainer_config = OmegaConf.to_container(lightning_config.get("trainer", OmegaConf.create()), resolve=True)
     n_devices = device_settings(trainer_config, opt.gpus)
-    lightning_config.trainer = trainer_config
 
     import pytorch_lightning as pl
 
     from ldm.lightning import as_lightning_module
-    from ldm.training.trainer import build_trainer
+    from ldm.training.trainer import build_trainer, check_trainer_options
     from ldm.util import instantiate_from_config
+
+    check_trainer_options(trainer_config)
+    lightning_config.trainer = trainer_config
+    training = opt.train if opt.train is not None else bool(opt.resume)
+    if opt.resume and opt.train is None:
+        print(f"resuming {paths.logdir} from {paths.resume_checkpoint}: training goes on (-t false only tests)")
 
     pl.seed_everything(opt.seed, workers=True)
 
@@ -184,6 +194,9 @@ def train(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     data = instantiate_from_config(config.data)
     data.prepare_data()
     data.setup()
+    if not training and (opt.no_test or not data.has("test")):
+        reason = "--no-test is given" if opt.no_test else "the config has no test data"
+        raise UserInputError(f"nothing to do: without -t main.py only tests, and {reason}; pass -t to train")
     for name, dataset in data.datasets.items():
         print(f"{name} data: {dataset.__class__.__name__}, {len(dataset)} examples")
 
@@ -207,7 +220,7 @@ def train(opt: argparse.Namespace, overrides: Sequence[str]) -> int:
     trainer = build_trainer(model, paths, config, lightning_config, trainer_config,
                             has_validation=data.has("validation"), trainable_only=trainable_only)
     try:
-        if opt.train:
+        if training:
             trainer.fit(model, datamodule=data, ckpt_path=paths.resume_checkpoint, weights_only=True)
         if not opt.no_test and not trainer.interrupted and data.has("test"):
             trainer.test(model, datamodule=data)

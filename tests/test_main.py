@@ -1,10 +1,12 @@
-"""main.py end to end: training runs as subprocesses on tiny configs, their log layout, resuming after
-a SIGKILL, two-process DDP, bad input; and overfitting a fixed batch in-process."""
+"""main.py end to end: training runs as subprocesses on tiny configs, their log layout, resuming (after a
+SIGKILL too, with and without -t), validation intervals longer than an epoch, metrics kept through a SIGKILL,
+two-process DDP, bad input; and overfitting a fixed batch in-process."""
 from __future__ import annotations
 
 import csv
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from tests.model_factory import REPO_DIR, TESTS_DIR
@@ -147,6 +150,68 @@ def test_run_killed_mid_way_resumes_where_its_last_checkpoint_stopped(tmp_path):
     assert resumed["state_dict"]["model_ema.num_updates"].item() == target
     sessions = sorted((run / "csv").iterdir())
     assert len(sessions) == 2, "each session keeps its own metrics file"
+
+
+QUICK = ["lightning.trainer.limit_val_batches=0", "lightning.callbacks.image_logger.params.batch_frequency=1000"]
+
+
+@pytest.fixture(scope="module")
+def two_step_logs(tmp_path_factory) -> Path:
+    """The logs/ folder of a finished two-step training run (copy it before resuming it)."""
+    cwd = tmp_path_factory.mktemp("two_steps")
+    result = run_main(["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "two", "lightning.trainer.max_steps=2", *QUICK],
+                      cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "logs"
+
+
+@pytest.mark.parametrize("train_flag", [[], ["-t"]], ids=["without_t", "with_t"])
+def test_resume_trains_on_with_or_without_t(tmp_path, two_step_logs, train_flag):
+    shutil.copytree(two_step_logs, tmp_path / "logs")
+    run = only_run(tmp_path)
+    result = run_main(["-r", str(run), *train_flag, "lightning.trainer.max_steps=4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert ("training goes on" in result.stdout) == (not train_flag)
+
+
+def test_resume_with_t_false_and_no_test_data_says_there_is_nothing_to_do(tmp_path, two_step_logs):
+    shutil.copytree(two_step_logs, tmp_path / "logs")
+    line = one_line_error(run_main(["-r", str(only_run(tmp_path)), "-t", "false"], tmp_path))
+    assert "nothing to do" in line and "pass -t to train" in line
+
+
+def test_val_check_interval_longer_than_an_epoch_validates_across_epochs(tmp_path):
+    result = run_main(["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "val", "lightning.trainer.max_steps=6",
+                       "lightning.trainer.val_check_interval=3", "data.params.train.params.length=4",
+                       "lightning.callbacks.image_logger.params.batch_frequency=1000"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
+    validation_steps = [step for step, _ in metric_steps(run, "val/loss_simple")]
+    assert validation_steps == [2, 5], "after batches 3 and 6, in epochs of 2 batches"
+
+
+class KillAtCheckpoint(pl.Callback):
+    """SIGKILLs its own training process in the middle of saving the first checkpoint at or after `step`."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_sigkilled_run_keeps_the_metrics_logged_before_its_checkpoint(tmp_path):
+    result = run_main(["--base", TINY_SD, TINY_TRAIN, "-t", "-n", "csv", "lightning.trainer.max_steps=400",
+                       "lightning.modelcheckpoint.params.every_n_train_steps=3", *QUICK,
+                       "lightning.callbacks.kill.target=tests.test_main.KillAtCheckpoint",
+                       "lightning.callbacks.kill.params.step=3"], tmp_path)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    learning_rate_steps = [step for step, _ in metric_steps(only_run(tmp_path), "lr-AdamW")]
+    assert learning_rate_steps == [0, 1, 2], "the learning rate logged at the start of the checkpoint's step is kept"
 
 
 @pytest.mark.slow

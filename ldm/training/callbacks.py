@@ -1,4 +1,5 @@
-"""Callbacks of `main.py`: the run directory's set-up, and textual-inversion embedding files."""
+"""Callbacks of `main.py`: the run directory's set-up, metrics written with each checkpoint, and
+textual-inversion embedding files."""
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,17 @@ class SetupCallback(pl.Callback):
         for name, config in (("project", self.config), ("lightning", OmegaConf.create({"lightning": self.lightning_config}))):
             text = OmegaConf.to_yaml(config).encode()
             atomic_write_bytes(os.path.join(self.cfgdir, f"{self.now}-{name}.yaml"), lambda handle: handle.write(text))
+
+
+class FlushLogsOnCheckpoint(pl.Callback):
+    """Writes the loggers' buffered metrics (the CSV logger holds them for `flush_logs_every_n_steps`) with every
+    checkpoint, so that a run killed without warning keeps the metrics logged up to its newest checkpoint."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            for run_logger in trainer.loggers:
+                run_logger.save()
 
 
 class EmbeddingCheckpoint(pl.Callback):

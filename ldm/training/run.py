@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config_files import load_config
 from ldm.errors import UserInputError, first_line
+from ldm.training.config_checks import refuse_non_finite_overrides, refuse_non_finite_values
 
 
 @dataclass
@@ -77,18 +78,20 @@ def run_paths(base: Sequence[str], name: str, resume: str, logdir: str, postfix:
 
 def merged_config(files: Sequence[str], overrides: Sequence[str]) -> tuple[DictConfig, DictConfig]:
     """(project config, its `lightning` section), from config files merged left to right and then
-    `key=value` dot-list overrides."""
+    `key=value` dot-list overrides; NaN and infinite numbers are refused."""
     if not files:
         raise UserInputError("no config given: pass one with --base configs/<name>.yaml")
     for item in overrides:
         if item.startswith("-") or "=" not in item:
             raise UserInputError(f"unrecognised argument {item!r}: options are listed by --help, config overrides "
                                  "are written key=value (e.g. lightning.trainer.max_steps=100)")
+    refuse_non_finite_overrides(overrides)
     configs = [load_config(path) for path in files]
     try:
         config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(list(overrides)))
     except Exception as error:
         raise UserInputError(f"cannot merge the configs: {first_line(error)}") from error
+    refuse_non_finite_values(config)
     lightning_config = config.pop("lightning", OmegaConf.create())
     if "model" not in config:
         raise UserInputError(f"the config ({', '.join(files)}) has no model section")

@@ -1,6 +1,8 @@
 """Building the Lightning `Trainer` of a run from the config's `lightning` section and `--gpus`."""
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 import os
 from typing import Any
@@ -10,12 +12,28 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import CSVLogger
 
 from ldm.errors import UserInputError
-from ldm.training.callbacks import EmbeddingCheckpoint, SetupCallback
+from ldm.training.callbacks import EmbeddingCheckpoint, FlushLogsOnCheckpoint, SetupCallback
 from ldm.training.checkpoint_io import AtomicCheckpointIO
 from ldm.training.run import RunPaths
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+_SET_BY_MAIN = ("logger", "callbacks", "plugins", "default_root_dir")
+
+
+def check_trainer_options(trainer_config: dict[str, Any]) -> None:
+    """Refuse a `lightning.trainer` key that `pl.Trainer` does not take (naming the closest ones it does), or one
+    that `main.py` sets itself."""
+    valid = [name for name in inspect.signature(pl.Trainer.__init__).parameters if name != "self"]
+    for key in trainer_config:
+        if key in _SET_BY_MAIN:
+            raise UserInputError(f"lightning.trainer.{key} is set by main.py itself; remove it from the config"
+                                 + (" (callbacks go in lightning.callbacks)" if key == "callbacks" else ""))
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3)
+            hint = f"did you mean {' or '.join(close)}?" if close else "see the arguments of pytorch_lightning.Trainer"
+            raise UserInputError(f"lightning.trainer.{key} is not a Lightning Trainer option: {hint}")
 
 
 def checkpoint_callback(model: Any, paths: RunPaths, lightning_config: DictConfig, has_validation: bool) -> Any:
@@ -68,7 +86,7 @@ def build_callbacks(model: Any, paths: RunPaths, config: DictConfig, lightning_c
         lightning_config.get("callbacks", {}))
     callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir, config, lightning_config),
                  checkpoint_callback(model, paths, lightning_config, has_validation),
-                 LastCheckpoint(paths.ckptdir)]
+                 LastCheckpoint(paths.ckptdir), FlushLogsOnCheckpoint()]
     callbacks += [instantiate_from_config(callbacks_config[name]) for name in callbacks_config]
     if getattr(model, "embedding_manager", None) is not None:
         callbacks.append(EmbeddingCheckpoint(paths.ckptdir, trainable_only))
@@ -77,6 +95,11 @@ def build_callbacks(model: Any, paths: RunPaths, config: DictConfig, lightning_c
 
 def build_trainer(model: Any, paths: RunPaths, config: DictConfig, lightning_config: DictConfig,
                   trainer_config: dict[str, Any], has_validation: bool, trainable_only: bool) -> pl.Trainer:
+    """The run's Trainer. An integer `val_check_interval` counts training batches across epochs (it may exceed
+    an epoch) unless the config sets `check_val_every_n_epoch`."""
+    interval = trainer_config.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        trainer_config.setdefault("check_val_every_n_epoch", None)
     if not has_validation:
         trainer_config["limit_val_batches"] = 0
     if not getattr(model, "automatic_optimization", True) and trainer_config.get("strategy") == "ddp":
