@@ -92,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from tqdm.auto import tqdm, trange
 
     from ldm.cli.images import image_to_tensor, to_unit_images
-    from ldm.cli.runtime import load_checked_config
+    from ldm.cli.runtime import check_fits_device, load_checked_config
     from ldm.cli.session import open_session
 
     config, geometry = load_checked_config(opt)
@@ -100,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if note:
         print(note, flush=True)
     width, height = init_image.size
+    check_fits_device(opt, geometry, height, width)
     session = open_session(opt, config)
     model, sampler, writer, device = session.model, session.sampler, session.writer, session.device
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)

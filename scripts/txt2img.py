@@ -80,12 +80,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from tqdm.auto import tqdm, trange
 
     from ldm.cli.images import to_unit_images
-    from ldm.cli.runtime import check_image_size, load_checked_config
+    from ldm.cli.runtime import check_fits_device, check_image_size, load_checked_config
     from ldm.cli.session import open_session
 
     config, geometry = load_checked_config(opt)
     opt.H, opt.W = opt.H or geometry.image_size, opt.W or geometry.image_size
     check_image_size(geometry, opt.H, opt.W)
+    check_fits_device(opt, geometry, opt.H, opt.W)
     session = open_session(opt, config)
     model, sampler, writer = session.model, session.sampler, session.writer
     shape = [opt.C, opt.H // opt.f, opt.W // opt.f]

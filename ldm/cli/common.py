@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import sys
@@ -44,10 +45,14 @@ class CliArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a script's `main`; `UserInputError` becomes one stderr line and exit code 2, Ctrl-C exit code 130."""
+    """Run a script's `main`; `UserInputError` becomes one stderr line and exit code 2, Ctrl-C exit code 130
+    (within seconds, even during a long step: see ldm.cli.interrupt)."""
+    from ldm.cli.interrupt import prompt_interrupt
+
     prog = Path(sys.argv[0]).name
     try:
-        main(argv)
+        with prompt_interrupt(prog, EXIT_INTERRUPTED):
+            main(argv)
     except UserInputError as error:
         message = " ".join(str(error).split())
         sys.stderr.write(f"{prog}: error: {message}\n")
@@ -70,7 +75,15 @@ class _ProgressBarHandler(logging.Handler):
         from tqdm.auto import tqdm
 
         try:
-            tqdm.write(self.format(record), file=sys.stderr)
+            message = self.format(record)
+            if sys.stderr.isatty():
+                tqdm.write(message, file=sys.stderr)  # clears the bars, writes, redraws them
+            else:
+                # A file or pipe has no cursor: tqdm.write's clearing of nested bars would put a cursor-up
+                # escape ("\x1b[A") in front of the message. End an open bar's line instead.
+                with tqdm.get_lock():
+                    sys.stderr.write(("\n" if getattr(tqdm, "_instances", None) else "") + message + "\n")
+                    sys.stderr.flush()
         except Exception:
             self.handleError(record)
 
@@ -105,9 +118,17 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a float >= 0."""
+def finite_float(text: str) -> float:
+    """argparse type: a number, neither NaN nor infinite."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    value = finite_float(text)
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
@@ -115,7 +136,7 @@ def non_negative_float(text: str) -> float:
 
 def unit_float(text: str) -> float:
     """argparse type: a float in [0, 1]."""
-    value = float(text)
+    value = finite_float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return value
@@ -166,7 +187,7 @@ def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: O
                              help="how many samples to produce for each given prompt. A.k.a. batch size "
                                   "(default: %(default)s)")),
         ("--n_rows", dict(type=non_negative_int, default=0, help="images per row of the grid (default: n_samples)")),
-        ("--scale", dict(type=float, default=defaults.scale,
+        ("--scale", dict(type=finite_float, default=defaults.scale,
                          help="unconditional guidance scale: eps = eps(x, empty) + scale * (eps(x, cond) - "
                               "eps(x, empty)) (default: %(default)s)")),
         ("--from-file", dict(type=str, default=None, help="if specified, load prompts from this file, one per line, "
@@ -237,6 +258,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="compile the UNet with torch.compile, for faster steps on CUDA (needs Triton there, "
                             "and a C++ compiler on the CPU); the first sampling step waits for the compilation, "
                             "which takes minutes")
+    speed.add_argument("--max_pixels", type=positive_int, default=None, metavar="N",
+                       help="the largest image to accept, in pixels (H x W); default: what the device's free memory "
+                            "holds at this --n_samples, estimated from the model's widths and checked before the "
+                            "model loads; give a number to go past (or below) the estimate")
 
 def resolve_sampler(opt: argparse.Namespace) -> str:
     """The sampler the flags ask for; contradicting flags are an error."""

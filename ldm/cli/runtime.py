@@ -8,13 +8,13 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from typing import Any, ContextManager, Mapping, Optional, Sequence
 
 import torch
 
-from ldm.checkpoint import load_model_from_config, model_config_section
+from ldm.checkpoint import load_model_from_config
 from ldm.cli.common import DECODE_OVERLAP, DECODE_TILE
+from ldm.cli.geometry import ModelGeometry, read_geometry
 from ldm.config_files import read_plain_config
 from ldm.errors import UserInputError
 
@@ -63,31 +63,6 @@ def precision_context(precision: str, device: torch.device) -> ContextManager:
     raise UserInputError(f"unknown --precision {precision!r}")
 
 
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What a config says about image sizes: autoencoder factor, latent channels, size multiple, T."""
-
-    factor: int
-    latent_channels: int
-    size_multiple: int
-    num_timesteps: int
-    image_size: int  # the training resolution in pixels: the latent image_size times the factor
-
-
-def read_geometry(config: Mapping[str, Any]) -> ModelGeometry:
-    """The geometry of a latent diffusion config (entries it lacks fall back to Stable Diffusion's)."""
-    params = model_config_section(config).get("params", {}) or {}
-    first_stage = (params.get("first_stage_config", {}) or {}).get("params", {}) or {}
-    ch_mult = (first_stage.get("ddconfig", {}) or {}).get("ch_mult", [1, 2, 4, 4])
-    unet = (params.get("unet_config", {}) or {}).get("params", {}) or {}
-    factor = 2 ** (len(ch_mult) - 1)
-    unet_downsamplings = len(unet.get("channel_mult", [1, 2, 4, 4])) - 1
-    return ModelGeometry(factor=factor, latent_channels=int(params.get("channels", 4)),
-                         size_multiple=factor * 2 ** unet_downsamplings,
-                         num_timesteps=int(params.get("timesteps", 1000)),
-                         image_size=factor * int(params.get("image_size", 64)))
-
-
 def load_checked_config(opt: argparse.Namespace) -> tuple[dict[str, Any], ModelGeometry]:
     """Read --config and check --C, --f and --ddim_steps against the model it describes; with --demo,
     --f and --C are taken from the config instead."""
@@ -115,6 +90,22 @@ def check_image_size(geometry: ModelGeometry, H: int, W: int) -> None:
         if value < geometry.size_multiple or value % geometry.size_multiple:
             raise UserInputError(f"--{name} must be a multiple of {geometry.size_multiple} for this model, got "
                                  f"{value}")
+
+
+def check_fits_device(opt: argparse.Namespace, geometry: ModelGeometry, H: int, W: int) -> None:
+    """Refuse an image the device cannot hold at this batch, or one above --max_pixels, before the model loads."""
+    from ldm.cli.memory import SizeRequest, available_bytes, check_size_fits, checkpoint_bytes
+
+    device = select_device(opt.device)
+    half = opt.precision in WEIGHT_DTYPES or (opt.precision == "autocast" and device.type == "cuda")
+    tile_side = DECODE_TILE * geometry.factor
+    request = SizeRequest(height=H, width=W, n_samples=1 if opt.seed_per_sample else opt.n_samples,
+                          guided=opt.scale != 1.0, element_size=2 if half else 4,
+                          decode_tile_pixels=tile_side ** 2 if opt.tiled_decode else None)
+    on_device_weights = not (opt.lowvram and device.type != "cpu")
+    check_size_fits(request, geometry, opt.max_pixels, device,
+                    None if opt.max_pixels is not None else available_bytes(device),
+                    checkpoint_bytes(opt.ckpt) if on_device_weights else 0)
 
 
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
