@@ -13,6 +13,10 @@ from ldm.modules.diffusionmodules import chunks, util, winograd
 from tests.model_factory import random_tiny_model
 
 
+requires_cpu_bf16 = pytest.mark.skipif(
+    not util.cpu_has_bf16(), reason="this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX) that oneDNN can use")
+
+
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours.float() - reference.float()).norm() / reference.float().norm()).item()
 
@@ -37,9 +41,9 @@ def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result(monkeypa
 
 
 @torch.no_grad()
+@requires_cpu_bf16
 def test_wide_bf16_conv_on_a_small_map_runs_as_one_gemm(monkeypatch):
     gemm, used = util._gemm_conv3x3, []
-    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)  # bf16 stays bf16, as on a CPU with bf16 instructions
     monkeypatch.setattr(util, "_gemm_conv3x3", lambda *args: used.append(args[0].dtype) or gemm(*args))
     conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, padding=1).to(torch.bfloat16)
     x = torch.randn(2, conv.in_channels, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -60,12 +64,14 @@ def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("bf16_instructions,expected_path", [(True, "gemm"), (False, "phases")])
+@pytest.mark.parametrize("bf16_instructions,expected_path", [pytest.param(True, "gemm", marks=requires_cpu_bf16),
+                                                             (False, "phases")])
 def test_bf16_upsampling_of_a_mid_size_map_is_one_gemm_with_bf16_instructions_and_phases_without(
         monkeypatch, bf16_instructions, expected_path):
     used = []
     phase_conv, gemm = util._upsampled_conv3x3, util._upsampled_gemm_conv3x3
-    monkeypatch.setattr(util, "cpu_has_bf16", lambda: bf16_instructions)
+    if not bf16_instructions:
+        monkeypatch.setattr(util, "cpu_has_bf16", lambda: False)  # as on a CPU without them
     monkeypatch.setattr(util, "_upsampled_conv3x3", lambda *args: used.append("phases") or phase_conv(*args))
     monkeypatch.setattr(util, "_upsampled_gemm_conv3x3", lambda *args: used.append("gemm") or gemm(*args))
     conv = util.Conv2d(6, 5, 3, padding=1).to(torch.bfloat16)
@@ -75,9 +81,9 @@ def test_bf16_upsampling_of_a_mid_size_map_is_one_gemm_with_bf16_instructions_an
     assert relative_error(out, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))) < 1e-2
 
 
+@requires_cpu_bf16
 @pytest.mark.parametrize("side", [3, 8])
 def test_bf16_upsampling_gemm_follows_the_weight_and_stays_off_autograd(monkeypatch, side):
-    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)
     builds, build = [], util.phase_matrix
     monkeypatch.setattr(util, "phase_matrix", lambda weight: builds.append(1) or build(weight))
     conv = util.Conv2d(4, 3, 3, padding=1).to(torch.bfloat16)
@@ -229,9 +235,9 @@ def test_fp32_attention_over_many_keys_pads_heads_with_the_same_result(monkeypat
 
 @torch.no_grad()
 @pytest.mark.skipif(util._onednn_linear() is None, reason="this torch build has no oneDNN linear primitive")
+@requires_cpu_bf16
 def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeypatch):
     onednn_linear, calls = util._onednn_linear(), []
-    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)
     spy = lambda *args: calls.append(args[0].shape) or onednn_linear(*args)  # noqa: E731
     monkeypatch.setattr(util, "_onednn_linear", lambda: spy)
     linear = util.Linear(64, 48).to(torch.bfloat16)
@@ -247,8 +253,8 @@ def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeyp
     assert calls == [x.shape, (2, 3, 5, 64)]
 
 
+@requires_cpu_bf16
 def test_bf16_linear_with_gradients_stays_on_autograd(monkeypatch):
-    monkeypatch.setattr(util, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(util, "_onednn_linear", lambda: pytest.fail("oneDNN's linear has no backward"))
     linear = util.Linear(16, 8).to(torch.bfloat16)
     linear(torch.randn(3, 16).to(torch.bfloat16)).float().sum().backward()

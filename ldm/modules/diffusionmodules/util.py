@@ -147,8 +147,19 @@ def normalization(channels: int) -> nn.Module:
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX); without, oneDNN emulates it slowly."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU computes in bfloat16 natively (AVX-512 BF16 or AMX), as torch reports it, and oneDNN's
+    bfloat16 linear primitive, which the fast paths call, runs here (`ONEDNN_MAX_CPU_ISA` can rule it out)."""
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    onednn_linear = _onednn_linear()
+    if onednn_linear is None:
+        return True
+    probe = torch.ones(1, 16, dtype=torch.bfloat16)
+    try:
+        onednn_linear(probe, probe, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 def emulated_bf16(x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> bool:
