@@ -1,15 +1,17 @@
 """Turning a model of this package into a PyTorch Lightning module, for `main.py`.
 
-The models are plain `nn.Module`s that carry Lightning's hooks (`training_step`, `configure_optimizers`,
-...), so that sampling never imports Lightning (which takes seconds). Training converts the instance
-in place: its class becomes a subclass of both its own class and `LightningModule`, and the Lightning
-bookkeeping attributes are added without touching the weights.
+The models are plain `nn.Module`s, so that sampling never imports Lightning (which takes seconds). Training
+converts the instance in place: its class becomes a subclass of its training hooks (`ldm.training.diffusion_hooks`
+for the diffusion models; the autoencoders carry their own), its own class and `LightningModule`, and the
+Lightning bookkeeping attributes are added without touching the weights.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
 from torch import nn
+
+from ldm.training.diffusion_hooks import hooks_for
 
 # Attributes that LightningModule exposes as properties but that our models may have set as plain ones.
 _PROPERTY_ATTRIBUTES = ("automatic_optimization", "strict_loading")
@@ -19,9 +21,10 @@ _PROPERTY_ATTRIBUTES = ("automatic_optimization", "strict_loading")
 def _lightning_class(cls: type) -> type:
     import pytorch_lightning as pl
 
-    return type(cls.__name__, (cls, pl.LightningModule), {"__module__": cls.__module__,
-                                                           "__doc__": cls.__doc__,
-                                                           "__qualname__": cls.__qualname__})
+    hooks = hooks_for(cls)
+    bases = (cls, pl.LightningModule) if hooks is None else (hooks, cls, pl.LightningModule)
+    return type(cls.__name__, bases, {"__module__": cls.__module__, "__doc__": cls.__doc__,
+                                      "__qualname__": cls.__qualname__})
 
 
 def as_lightning_module(model: nn.Module) -> nn.Module:

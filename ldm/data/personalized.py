@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ldm.data.image_io import load_rgb_image
 from ldm.errors import UserInputError
+from ldm.placeholder_tokens import per_img_token_list
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +140,6 @@ imagenet_dual_templates_small = [
     "a photo of the large {} with {}",
     "a photo of a cool {} with {}",
     "a photo of a small {} with {}",
-]
-
-# One extra placeholder per training image (`per_image_tokens`), rare characters that the LDM BERT
-# tokenizer keeps as single tokens (CLIP splits them in two, so the option needs the BERT model).
-per_img_token_list = [
-    "א", "ב", "ג", "ד", "ה", "ו", "ז", "ח", "ט", "י", "כ", "ל", "מ", "נ", "ס", "ע", "פ", "צ", "ק", "ר", "ש", "ת",
 ]
 
 INTERPOLATIONS = {

@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ldm.data.personalized import per_img_token_list
 from ldm.errors import UserInputError, describe_pickle_refusal, first_line
+from ldm.placeholder_tokens import per_img_token_list
 
 logger = logging.getLogger(__name__)
 

@@ -3,8 +3,9 @@
 and the latent model that wraps the autoencoder, the text encoder and the UNet.
 
 Names of classes, arguments, buffers and methods follow the original `ldm` package.
-The training hooks (`training_step`, `configure_optimizers`, ...) are Lightning hooks; `main.py`
-turns a model into a LightningModule, so inference never imports Lightning.
+The models are plain `nn.Module`s: the hooks that need Lightning (`training_step`, `validation_step`, the EMA
+update, `scale_by_std`, `log_images`) are in `ldm.training.diffusion_hooks`, added when `main.py` turns a model
+into a LightningModule (`ldm.lightning`); `configure_optimizers` stays here, as it needs no Lightning.
 """
 from __future__ import annotations
 
@@ -21,15 +22,10 @@ from torch import nn
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.schedule_buffers import SCHEDULE_BUFFERS
 from ldm.util import default, exists, instantiate_from_config
 
 logger = logging.getLogger(__name__)
-
-SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)
 
 
 def disabled_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -260,30 +256,6 @@ class DDPM(nn.Module):
             batch[key] = [value if dropped else entry for entry, dropped in zip(entries, drop.tolist())]
         return batch
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss, loss_dict = self.shared_step(self.apply_ucg(batch))
-        self.log_dict(loss_dict, prog_bar=True, logger=True, on_step=True, on_epoch=True)
-        self.log("global_step", float(self.global_step), prog_bar=True, logger=True, on_step=True, on_epoch=False)
-        if self.use_scheduler:
-            self.log("lr_abs", self.optimizers().param_groups[0]["lr"], prog_bar=True, logger=True, on_step=True,
-                     on_epoch=False)
-        return loss
-
-    @torch.no_grad()
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        _, loss_dict_no_ema = self.shared_step(batch)
-        with self.ema_scope():
-            _, loss_dict_ema = self.shared_step(batch)
-        loss_dict_ema = {key + "_ema": value for key, value in loss_dict_ema.items()}
-        self.log_dict(loss_dict_no_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
-        self.log_dict(loss_dict_ema, prog_bar=False, logger=True, on_step=False, on_epoch=True)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the EMA update, so that a checkpoint taken after the batch holds both."""
-        super().optimizer_step(*args, **kwargs)
-        if self.use_ema:
-            self.model_ema(self.model)
-
     def configure_optimizers(self):
         params = list(self.model.parameters())
         if self.learn_logvar:
@@ -491,17 +463,6 @@ class LatentDiffusion(DDPM):
         loss_dict[f"{prefix}/loss"] = loss
         return loss, loss_dict
 
-    @torch.no_grad()
-    def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int, *args) -> None:
-        """With `scale_by_std`, set scale_factor = 1 / std(z) from the first batch (Rombach et al. 2022, sec. 4.3.2)."""
-        if (self.scale_by_std and self.current_epoch == 0 and self.global_step == 0 and batch_idx == 0
-                and not self.restarted_from_ckpt):
-            x = super().get_input(batch, self.first_stage_key).to(self.device)
-            z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()
-            del self.scale_factor
-            self.register_buffer("scale_factor", 1.0 / z.flatten().std())
-            logger.info("setting scale_factor to %.5f", self.scale_factor.item())
-
     def configure_optimizers(self):
         if self.embedding_manager is not None:
             optimizer = self._embedding_optimizer()
@@ -527,58 +488,6 @@ class LatentDiffusion(DDPM):
         model_params = list(self.cond_stage_model.parameters()) + list(self.model.parameters())
         return torch.optim.AdamW([{"params": embedding_params, "lr": self.learning_rate}, {"params": model_params}],
                                  lr=self.model_lr)
-
-    @torch.no_grad()
-    def log_images(self, batch: Mapping[str, Any], N: int = 8, n_row: int = 4, sample: bool = True,
-                   ddim_steps: int = 50, ddim_eta: float = 0.0, plot_progressive_rows: bool = True,
-                   plot_diffusion_rows: bool = True, unconditional_guidance_scale: float = 1.0,
-                   unconditional_guidance_label: Any = None, use_ema_scope: bool = True,
-                   **kwargs) -> dict[str, Any]:
-        """Inputs, reconstructions, the conditioning, a diffusion row and DDIM samples, for the image logger."""
-        from ldm.models.diffusion.ddim import DDIMSampler
-        from ldm.util import log_txt_as_img
-
-        log: dict[str, Any] = {}
-        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key, return_first_stage_outputs=True,
-                                           force_c_encode=True, return_original_cond=True, bs=N)
-        N = min(x.shape[0], N)
-        n_row = min(x.shape[0], n_row)
-        log["inputs"] = x
-        log["reconstruction"] = xrec
-        if self.model.conditioning_key is not None and isinstance(xc, (list, tuple)):
-            log["conditioning"] = log_txt_as_img((x.shape[2], x.shape[3]), list(xc)[:N]).to(x.device)
-        if plot_diffusion_rows:
-            rows = []
-            z_start = z[:n_row]
-            for t in range(self.num_timesteps):
-                if t % self.log_every_t == 0 or t == self.num_timesteps - 1:
-                    t_batch = torch.full((n_row,), t, device=self.device, dtype=torch.long)
-                    rows.append(self.decode_first_stage(self.q_sample(z_start, t_batch)))
-            log["diffusion_row"] = torch.stack(rows, dim=1).flatten(0, 1)
-        if sample:
-            scope = self.ema_scope if use_ema_scope else _null_scope
-            sampler = DDIMSampler(self)
-            shape = (self.channels, self.image_size, self.image_size)
-            with scope("Plotting"):
-                samples, intermediates = sampler.sample(ddim_steps, N, shape, c, eta=ddim_eta, verbose=False)
-            log["samples"] = self.decode_first_stage(samples)
-            if unconditional_guidance_scale > 1.0:
-                label = default(unconditional_guidance_label, [""] * N)
-                uc = self.get_learned_conditioning(label)
-                with scope("Sampling with classifier-free guidance"):
-                    samples_cfg, _ = sampler.sample(ddim_steps, N, shape, c, eta=ddim_eta, verbose=False,
-                                                    unconditional_guidance_scale=unconditional_guidance_scale,
-                                                    unconditional_conditioning=uc)
-                log[f"samples_cfg_scale_{unconditional_guidance_scale:.2f}"] = self.decode_first_stage(samples_cfg)
-            if plot_progressive_rows:
-                steps = [self.decode_first_stage(step[:n_row]) for step in intermediates["pred_x0"]]
-                log["progressive_row"] = torch.stack(steps, dim=1).flatten(0, 1)
-        return log
-
-
-@contextmanager
-def _null_scope(context: Optional[str] = None) -> Iterator[None]:
-    yield None
 
 
 class DiffusionWrapper(nn.Module):
