@@ -44,7 +44,8 @@ sys.path.insert(0, str(REPO))
 from ldm.checkpoint import cast_weight, load_model_from_config, materialise_missing, no_weight_init  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.models.offload import enable_offload  # noqa: E402
-from ldm.modules.diffusionmodules.util import cpu_has_bf16  # noqa: E402
+from ldm import accel  # noqa: E402
+from ldm.accel.cpu import cpu_has_bf16  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 FULL_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
@@ -53,6 +54,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("ours", "diffusers")
+PLAIN = "ours_no_accel"  # our model's plain layers, timed beside the accelerated ones
 ORIGINAL_WORKER = REPO / "scripts" / "benchmark_original.py"
 COMPILED = " (ours compiled)"
 DISTINCT = " (distinct latents)"
@@ -185,6 +187,21 @@ def interleaved(cases: dict[str, Callable[[], Any]], warmup: int, repeats: int,
     return times
 
 
+def with_accel(model: torch.nn.Module, fast: bool, device: torch.device, fn: Callable[[], Any]
+               ) -> Callable[[], Any]:
+    """`fn`, run with `model`'s layers swapped to the fast ones of `ldm.accel` (`fast`) or to the plain ones
+    first (a walk over the modules, about a millisecond)."""
+    def run() -> Any:
+        accel.optimize(model, device) if fast else accel.restore(model)
+        return fn()
+
+    return run
+
+
+def _plain_label(args: argparse.Namespace) -> str:
+    return " (ours: --no_accel)" if args.no_accel else ""
+
+
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
 
@@ -205,16 +222,19 @@ def unet_step_rows(model: torch.nn.Module, config_path: Path, dtype_name: str, r
     x = (torch.cat([latents, latents]) if guided else latents).to(device, dtype)
     t = torch.full((batch,), 500, dtype=torch.long, device=device)
     context = torch.randn(batch, 77, context_dim, generator=generator).to(device, dtype)
+    unet = ours
     if args.compile:
         ours = torch.compile(ours)
-    cases = {"ours": lambda: ours(x, t, context=context),
+    cases = {"ours": with_accel(unet, not args.no_accel, device, lambda: ours(x, t, context=context,
+                                                                             guided_pair=guided)),
              "diffusers": lambda: theirs(x, t, encoder_hidden_states=context).sample}
+    if not args.no_accel:
+        cases[PLAIN] = with_accel(unet, False, device, lambda: ours(x, t, context=context, guided_pair=guided))
     error = relative_error(cases["ours"](), cases["diffusers"]())
     times = interleaved(cases, args.warmup, args.repeats, device)
     inputs = "" if guided else DISTINCT
-    return {"measure": f"UNet step {dtype_name}{COMPILED if args.compile else ''}{inputs}", "resolution": resolution,
-            "batch": batch,
-            "relative_difference": error, **{name: times[name] for name in IMPLEMENTATIONS}}
+    return {"measure": f"UNet step {dtype_name}{COMPILED if args.compile else ''}{inputs}{_plain_label(args)}",
+            "resolution": resolution, "batch": batch, "relative_difference": error, **times}
 
 
 @torch.no_grad()
@@ -250,10 +270,13 @@ def txt2img_row(model: torch.nn.Module, config_path: Path, resolution: int, step
         return pipe(prompt_embeds=c, negative_prompt_embeds=uc, num_inference_steps=steps, guidance_scale=GUIDANCE,
                     latents=x_T, height=resolution, width=resolution, output_type="pt").images
 
-    error = relative_error(ours().clamp(-1, 1), theirs() * 2 - 1)  # the warm-up; the pipeline clamps
-    times = interleaved({"ours": ours, "diffusers": theirs}, 0, args.e2e_repeats, device)
-    return {"measure": f"txt2img {steps} steps fp32{COMPILED if args.compile else ''}", "resolution": resolution, "batch": 1,
-            "relative_difference": error, **{name: times[name] for name in IMPLEMENTATIONS}}
+    cases = {"ours": with_accel(model, not args.no_accel, device, ours), "diffusers": theirs}
+    if not args.no_accel:
+        cases[PLAIN] = with_accel(model, False, device, ours)
+    error = relative_error(cases["ours"]().clamp(-1, 1), theirs() * 2 - 1)  # the warm-up; the pipeline clamps
+    times = interleaved(cases, 0, args.e2e_repeats, device)
+    return {"measure": f"txt2img {steps} steps fp32{COMPILED if args.compile else ''}{_plain_label(args)}",
+            "resolution": resolution, "batch": 1, "relative_difference": error, **times}
 
 
 # --- measurements in fresh processes -------------------------------------------------------------------------
@@ -337,6 +360,8 @@ def worker(job: dict[str, Any]) -> dict[str, Any]:
             model = loaded
         elif job["impl"] == "ours":
             model = loaded.to(device)
+            if job.get("accel", True):
+                accel.optimize(model, device)
         else:
             model = build_pipeline(loaded, device)
         rss_loaded = _status_kib("VmRSS")
@@ -442,13 +467,14 @@ def memory_row(paths: dict[str, Path], config_path: Path, args: argparse.Namespa
     """Peak memory of a fresh process that loads the checkpoint and renders one image: ours and diffusers from
     the `.safetensors`, and with `--original` the original code from the `.ckpt` (the format it reads)."""
     job = {"kind": "render", "config": str(config_path), "device": args.device, "resolution": args.resolution,
-           "steps": args.memory_steps, "lowvram": args.lowvram, "threads": args.threads}
+           "steps": args.memory_steps, "lowvram": args.lowvram, "threads": args.threads, "accel": not args.no_accel}
     results = {impl: run_worker({**job, "impl": impl, "checkpoint": str(paths["safetensors"])})
                for impl in IMPLEMENTATIONS}
     if args.original is not None:
         results["original"] = run_worker({**job, "impl": "original", "original": str(args.original),
                                           "checkpoint": str(paths["ckpt"])}, ORIGINAL_WORKER)
-    return {"measure": f"txt2img peak memory {args.memory_steps} step(s){' lowvram' if args.lowvram else ''}",
+    return {"measure": f"txt2img peak memory {args.memory_steps} step(s){' lowvram' if args.lowvram else ''}"
+                       f"{_plain_label(args)}",
             "resolution": args.resolution, "batch": 1, **results}
 
 
@@ -471,10 +497,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def paired_ratio(row: dict[str, Any]) -> float:
+def paired_ratio(row: dict[str, Any], ours: str = "ours") -> float:
     """The median over the repeats of ours / diffusers, each pair measured back to back: the speed of a shared
     machine drifts within a run, and the drift cancels within a pair."""
-    return median([ours / theirs for ours, theirs in zip(row["ours"], row["diffusers"])])
+    return median([mine / theirs for mine, theirs in zip(row[ours], row["diffusers"])])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -501,7 +527,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def _note(row: dict[str, Any]) -> str:
     if "relative_difference" in row:
-        return f"rel. diff {row['relative_difference']:.1e}"
+        plain = f"; without accel {paired_ratio(row, PLAIN):.2f}" if PLAIN in row else ""
+        return f"rel. diff {row['relative_difference']:.1e}{plain}"
     if "peak_increase_mib" in row:
         peak = row["peak_increase_mib"]
         return f"peak +{peak['ours']:.0f}/+{peak['diffusers']:.0f} MiB (ours untiled +{peak['ours_whole']:.0f} MiB)"
@@ -548,6 +575,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="resolution of the bf16 UNet comparison (default: --resolution, or 128 on a CPU "
                              "without bf16 instructions, where diffusers takes minutes per 512x512 step)")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with guidance)")
+    parser.add_argument("--no_accel", action="store_true",
+                        help="measure our model's plain layers only (by default the UNet and txt2img rows time "
+                             "them beside the accelerated ones)")
     parser.add_argument("--distinct_latents", action="store_true",
                         help="draw every latent of the UNet batch (default: an even batch is a guided step's, each "
                              "latent twice under two contexts, as the samplers call the UNet)")
@@ -624,6 +654,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for row in rows:
         if isinstance(row.get("ours"), list):
             row["ratio"] = paired_ratio(row)
+            if PLAIN in row:
+                row["ratio_no_accel"] = paired_ratio(row, PLAIN)
     report = {"environment": environment(device, args.threads), "rows": rows}
     print()
     print(json.dumps(report["environment"]))

@@ -75,10 +75,11 @@ def render(model, prompts: list[str], seeds: list[int], sampler_name: str, steps
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from ldm import accel
     from ldm.checkpoint import load_model_from_config
 
     try:
-        model = load_model_from_config(args.config, args.ckpt, device=args.device)
+        model = accel.optimize(load_model_from_config(args.config, args.ckpt, device=args.device), args.device)
         if args.embedding_path:
             from ldm.modules.embedding_manager import attach_embeddings
 

@@ -1,10 +1,13 @@
-"""GroupNorm -> swish -> 3x3 convolution a band of rows at a time (ldm/modules/diffusionmodules/banded.py)."""
+"""GroupNorm -> swish -> 3x3 convolution a band of rows at a time (ldm/accel/banded.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules import banded, chunks, util
-from ldm.modules.diffusionmodules.model import ResnetBlock
+from ldm import accel
+from ldm.accel import banded, chunks
+from ldm.accel.autoencoder import FastResnetBlock
+from ldm.accel.conv import FastConv2d
+from ldm.modules.diffusionmodules.util import GroupNorm32
 
 
 def reference(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -20,7 +23,7 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 @torch.no_grad()
 @pytest.mark.parametrize("bytes_per_band", [1, 3 * 8 * 13 * 4, 1 << 30])  # one row, three rows, the whole map
 def test_banded_equals_norm_swish_conv(monkeypatch, bytes_per_band):
-    norm, conv = util.GroupNorm32(4, 8, eps=1e-6), util.Conv2d(8, 5, 3, padding=1)
+    norm, conv = GroupNorm32(4, 8, eps=1e-6), FastConv2d(8, 5, 3, padding=1)
     torch.nn.init.normal_(norm.weight, 1.0, 0.3)
     torch.nn.init.normal_(norm.bias, 0.0, 0.3)
     x = (torch.randn(2, 8, 11, 13) * 4 + 3).contiguous(memory_format=torch.channels_last)  # mean far from 0
@@ -40,21 +43,21 @@ def test_group_statistics_match_group_norm():
 
 
 def test_bands_only_for_large_maps_in_inference(monkeypatch):
-    norm, conv = util.GroupNorm32(4, 8), util.Conv2d(8, 8, 3, padding=1)
+    norm, conv = GroupNorm32(4, 8), FastConv2d(8, 8, 3, padding=1)
     small = torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
     large = torch.randn(1, 8, 64, 64).contiguous(memory_format=torch.channels_last)
     monkeypatch.setattr(chunks, "CHUNK_BYTES", small.numel() * small.element_size())
     with torch.no_grad():
         assert banded._bandable(norm, conv, large, None) and not banded._bandable(norm, conv, small, None)
         assert not banded._bandable(norm, conv, large.contiguous(), None)
-        assert not banded._bandable(norm, util.Conv2d(8, 8, 1), large, None)
+        assert not banded._bandable(norm, FastConv2d(8, 8, 1), large, None)
         assert not banded._bandable(norm, conv, large, torch.nn.Dropout(0.5).train())
     assert not banded._bandable(norm, conv, large, None)  # autograd records: the plain layers
 
 
 def test_resnet_block_in_bands_equals_the_recorded_forward(monkeypatch):
     """Inference (bands, residual sum in place) and training-style forward agree, and gradients still flow."""
-    block = ResnetBlock(in_channels=32, out_channels=64, temb_channels=0).eval()
+    block = FastResnetBlock(in_channels=32, out_channels=64, temb_channels=0).eval()
     x = torch.randn(1, 32, 24, 20).contiguous(memory_format=torch.channels_last)
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 32 * 20 * 4 * 5)  # bands of five rows, then of two
     recorded = block(x.requires_grad_(True))
@@ -71,8 +74,8 @@ def test_the_decoder_hands_freed_memory_back_before_each_upsampling_in_inference
     chunks.release_freed_memory()  # runs (or does nothing) on this platform
     calls = []
     monkeypatch.setattr(chunks, "release_freed_memory", lambda: calls.append(True))
-    decoder = Decoder(ch=32, out_ch=3, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=[], in_channels=3,
-                      resolution=16, z_channels=4)
+    decoder = accel.optimize(Decoder(ch=32, out_ch=3, ch_mult=(1, 1, 1), num_res_blocks=1, attn_resolutions=[],
+                                     in_channels=3, resolution=16, z_channels=4).eval())
     z = torch.randn(1, 4, 4, 4)
     with torch.no_grad():
         decoder(z)

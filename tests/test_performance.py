@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from ldm.models.tiled_decode import tile_layout, tiled_decode
-from ldm.modules import attention
-from ldm.modules.attention import FeedForward
-from ldm.modules.diffusionmodules import chunks, util, winograd
+from ldm import accel
+from ldm.accel import attention, chunks, cpu, winograd
+from ldm.accel import conv as fast_conv
+from ldm.accel.attention import FastFeedForward
 from tests.model_factory import random_tiny_model
 
 
 requires_cpu_bf16 = pytest.mark.skipif(
-    not util.cpu_has_bf16(), reason="this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX) that oneDNN can use")
+    not cpu.cpu_has_bf16(), reason="this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX) that oneDNN can use")
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -30,11 +31,11 @@ def reference_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result(monkeypatch, weight_layout, stride):
-    gemm, used = util._gemm_conv3x3, []
-    monkeypatch.setattr(util, "_gemm_conv3x3", lambda *args: used.append(args[3]) or gemm(*args))
-    conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, stride=stride, padding=1)
+    gemm, used = fast_conv._gemm_conv3x3, []
+    monkeypatch.setattr(fast_conv, "_gemm_conv3x3", lambda *args: used.append(args[3]) or gemm(*args))
+    conv = fast_conv.FastConv2d(fast_conv.GEMM_CONV_MIN_CHANNELS, 8, 3, stride=stride, padding=1)
     conv.weight.data = conv.weight.data.contiguous(memory_format=weight_layout)
-    x = torch.randn(2, util.GEMM_CONV_MIN_CHANNELS, 5, 4).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, fast_conv.GEMM_CONV_MIN_CHANNELS, 5, 4).contiguous(memory_format=torch.channels_last)
     out = conv(x)
     assert used == [stride] and out.shape == reference_conv(conv, x).shape
     assert relative_error(out, reference_conv(conv, x)) < 1e-5
@@ -43,9 +44,9 @@ def test_wide_conv_on_a_small_map_runs_as_one_gemm_with_the_same_result(monkeypa
 @torch.no_grad()
 @requires_cpu_bf16
 def test_wide_bf16_conv_on_a_small_map_runs_as_one_gemm(monkeypatch):
-    gemm, used = util._gemm_conv3x3, []
-    monkeypatch.setattr(util, "_gemm_conv3x3", lambda *args: used.append(args[0].dtype) or gemm(*args))
-    conv = util.Conv2d(util.GEMM_CONV_MIN_CHANNELS, 8, 3, padding=1).to(torch.bfloat16)
+    gemm, used = fast_conv._gemm_conv3x3, []
+    monkeypatch.setattr(fast_conv, "_gemm_conv3x3", lambda *args: used.append(args[0].dtype) or gemm(*args))
+    conv = fast_conv.FastConv2d(fast_conv.GEMM_CONV_MIN_CHANNELS, 8, 3, padding=1).to(torch.bfloat16)
     x = torch.randn(2, conv.in_channels, 4, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     out = conv(x)
     assert used == [torch.bfloat16] and out.dtype == torch.bfloat16
@@ -55,7 +56,7 @@ def test_wide_bf16_conv_on_a_small_map_runs_as_one_gemm(monkeypatch):
 @torch.no_grad()
 @pytest.mark.parametrize("side", [4, 64])  # below and above PHASE_CONV_MIN_PIXELS
 def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
-    conv = util.Conv2d(6, 5, 3, padding=1)
+    conv = fast_conv.FastConv2d(6, 5, 3, padding=1)
     x = torch.randn(2, 6, side, side + 2)
     reference = reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))
     out = conv.upsampled(x)
@@ -69,12 +70,12 @@ def test_upsampled_conv_equals_nearest_upsampling_then_conv(side):
 def test_bf16_upsampling_of_a_mid_size_map_is_one_gemm_with_bf16_instructions_and_phases_without(
         monkeypatch, bf16_instructions, expected_path):
     used = []
-    phase_conv, gemm = util._upsampled_conv3x3, util._upsampled_gemm_conv3x3
+    phase_conv, gemm = fast_conv._upsampled_conv3x3, fast_conv._upsampled_gemm_conv3x3
     if not bf16_instructions:
-        monkeypatch.setattr(util, "cpu_has_bf16", lambda: False)  # as on a CPU without them
-    monkeypatch.setattr(util, "_upsampled_conv3x3", lambda *args: used.append("phases") or phase_conv(*args))
-    monkeypatch.setattr(util, "_upsampled_gemm_conv3x3", lambda *args: used.append("gemm") or gemm(*args))
-    conv = util.Conv2d(6, 5, 3, padding=1).to(torch.bfloat16)
+        monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)  # as on a CPU without them
+    monkeypatch.setattr(fast_conv, "_upsampled_conv3x3", lambda *args: used.append("phases") or phase_conv(*args))
+    monkeypatch.setattr(fast_conv, "_upsampled_gemm_conv3x3", lambda *args: used.append("gemm") or gemm(*args))
+    conv = fast_conv.FastConv2d(6, 5, 3, padding=1).to(torch.bfloat16)
     x = torch.randn(1, 6, 64, 65).to(torch.bfloat16)  # between PHASE_CONV_MIN_PIXELS and its bf16 threshold
     out = conv.upsampled(x)
     assert used == [expected_path] and out.dtype == torch.bfloat16 and out.shape == (1, 5, 128, 130)
@@ -84,9 +85,9 @@ def test_bf16_upsampling_of_a_mid_size_map_is_one_gemm_with_bf16_instructions_an
 @requires_cpu_bf16
 @pytest.mark.parametrize("side", [3, 8])
 def test_bf16_upsampling_gemm_follows_the_weight_and_stays_off_autograd(monkeypatch, side):
-    builds, build = [], util.phase_matrix
-    monkeypatch.setattr(util, "phase_matrix", lambda weight: builds.append(1) or build(weight))
-    conv = util.Conv2d(4, 3, 3, padding=1).to(torch.bfloat16)
+    builds, build = [], fast_conv.phase_matrix
+    monkeypatch.setattr(fast_conv, "phase_matrix", lambda weight: builds.append(1) or build(weight))
+    conv = fast_conv.FastConv2d(4, 3, 3, padding=1).to(torch.bfloat16)
     x = torch.randn(2, 4, side, side + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
 
     def error() -> float:
@@ -112,11 +113,11 @@ def test_bf16_upsampling_gemm_follows_the_weight_and_stays_off_autograd(monkeypa
 
 @torch.no_grad()
 def test_upsampled_conv_in_bands_of_rows_equals_the_whole(monkeypatch):
-    conv = util.Conv2d(6, 5, 3, padding=1)
+    conv = fast_conv.FastConv2d(6, 5, 3, padding=1)
     x = torch.randn(2, 6, 33, 35).contiguous(memory_format=torch.channels_last)
-    whole = util._upsampled_conv3x3(x, conv.weight, conv.bias)
+    whole = fast_conv._upsampled_conv3x3(x, conv.weight, conv.bias)
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)  # one input row per band
-    banded = util._upsampled_conv3x3(x, conv.weight, conv.bias)
+    banded = fast_conv._upsampled_conv3x3(x, conv.weight, conv.bias)
     assert torch.equal(banded, whole)
     assert relative_error(banded, reference_conv(conv, F.interpolate(x, scale_factor=2.0, mode="nearest"))) < 1e-5
 
@@ -128,7 +129,7 @@ def test_upsampled_conv_in_bands_of_rows_equals_the_whole(monkeypatch):
 @pytest.mark.parametrize("weight_layout", [torch.contiguous_format, torch.channels_last])
 def test_winograd_conv_equals_the_direct_convolution(monkeypatch, tile, channels_last, images_per_chunk,
                                                      weight_layout):
-    conv = util.Conv2d(6, 5, 3, padding=1)
+    conv = fast_conv.FastConv2d(6, 5, 3, padding=1)
     conv.weight.data = conv.weight.data.contiguous(memory_format=weight_layout)
     x = torch.randn(3, 6, 11, 14)  # sides that are not multiples of the tile; the last chunk of images is short
     if channels_last:
@@ -181,7 +182,7 @@ def test_winograd_in_blocks_of_output_channels_equals_the_direct_convolution(mon
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("in_channels", [util.WINOGRAD_MIN_IN_CHANNELS, util.GEMM_CONV_MIN_CHANNELS])
+@pytest.mark.parametrize("in_channels", [fast_conv.WINOGRAD_MIN_IN_CHANNELS, fast_conv.GEMM_CONV_MIN_CHANNELS])
 @pytest.mark.parametrize("side,tile", [(16, 2), (32, 4)])
 def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, in_channels, side, tile):
     used = []
@@ -190,12 +191,12 @@ def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, in_channels, sid
         used.append(tile)
         return winograd.winograd_conv3x3(x, weight, bias, tile)
 
-    monkeypatch.setattr(util, "winograd_conv3x3", recording)
-    conv = util.Conv2d(in_channels, util.WINOGRAD_MIN_OUT_CHANNELS, 3, padding=1)
+    monkeypatch.setattr(fast_conv, "winograd_conv3x3", recording)
+    conv = fast_conv.FastConv2d(in_channels, fast_conv.WINOGRAD_MIN_OUT_CHANNELS, 3, padding=1)
     x = torch.randn(1, conv.in_channels, side, side).contiguous(memory_format=torch.channels_last)
     assert relative_error(conv(x), reference_conv(conv, x)) < 1e-5
     assert used == [tile]
-    util.Conv2d(conv.in_channels, 3, 3, padding=1)(x)  # too few output channels to gain: the direct kernel
+    fast_conv.FastConv2d(conv.in_channels, 3, 3, padding=1)(x)  # too few output channels to gain: the direct kernel
     assert used == [tile]
     with torch.enable_grad():  # training: autograd through the direct kernel
         x.requires_grad_(True)
@@ -205,7 +206,7 @@ def test_wide_conv_on_a_large_map_runs_by_winograd(monkeypatch, in_channels, sid
 
 @pytest.mark.parametrize("glu", [True, False])
 def test_feed_forward_in_token_chunks_equals_the_whole(monkeypatch, glu):
-    feed_forward = FeedForward(8, glu=glu)
+    feed_forward = FastFeedForward(8, glu=glu)
     x = torch.randn(2, 13, 8, requires_grad=True)
     expected = feed_forward(x)
     (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
@@ -234,18 +235,18 @@ def test_fp32_attention_over_many_keys_pads_heads_with_the_same_result(monkeypat
 
 
 @torch.no_grad()
-@pytest.mark.skipif(util._onednn_linear() is None, reason="this torch build has no oneDNN linear primitive")
+@pytest.mark.skipif(cpu.onednn_linear_primitive() is None, reason="this torch build has no oneDNN linear primitive")
 @requires_cpu_bf16
 def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeypatch):
-    onednn_linear, calls = util._onednn_linear(), []
+    onednn_linear, calls = cpu.onednn_linear_primitive(), []
     spy = lambda *args: calls.append(args[0].shape) or onednn_linear(*args)  # noqa: E731
-    monkeypatch.setattr(util, "_onednn_linear", lambda: spy)
-    linear = util.Linear(64, 48).to(torch.bfloat16)
+    monkeypatch.setattr(cpu, "onednn_linear_primitive", lambda: spy)
+    linear = fast_conv.FastLinear(64, 48).to(torch.bfloat16)
     x = torch.randn(2, 5, 64).to(torch.bfloat16)
     out = linear(x)
     assert out.dtype == torch.bfloat16
     assert relative_error(out, F.linear(x.double(), linear.weight.double(), linear.bias.double())) < 4e-3
-    conv = util.Conv2d(64, 48, 1).to(torch.bfloat16)
+    conv = fast_conv.FastConv2d(64, 48, 1).to(torch.bfloat16)
     image = torch.randn(2, 64, 3, 5).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     out = conv(image)
     assert out.shape == (2, 48, 3, 5) and out.is_contiguous(memory_format=torch.channels_last)
@@ -255,15 +256,15 @@ def test_bf16_linear_and_1x1_conv_go_through_onednn_with_the_same_result(monkeyp
 
 @requires_cpu_bf16
 def test_bf16_linear_with_gradients_stays_on_autograd(monkeypatch):
-    monkeypatch.setattr(util, "_onednn_linear", lambda: pytest.fail("oneDNN's linear has no backward"))
-    linear = util.Linear(16, 8).to(torch.bfloat16)
+    monkeypatch.setattr(cpu, "onednn_linear_primitive", lambda: pytest.fail("oneDNN's linear has no backward"))
+    linear = fast_conv.FastLinear(16, 8).to(torch.bfloat16)
     linear(torch.randn(3, 16).to(torch.bfloat16)).float().sum().backward()
     assert linear.weight.grad is not None and linear.weight.grad.dtype == torch.bfloat16
 
 
 @torch.no_grad()
 def test_bf16_group_norm_on_the_cpu_equals_float32_rounded_to_bf16():
-    norm = util.GroupNorm32(4, 16).to(torch.bfloat16)
+    norm = fast_conv.FastGroupNorm32(4, 16).to(torch.bfloat16)
     torch.nn.init.normal_(norm.weight, 1.0, 0.3)
     x = (torch.randn(2, 16, 12, 12) * 3 + 1).to(torch.bfloat16)
     out = norm(x)
@@ -274,8 +275,8 @@ def test_bf16_group_norm_on_the_cpu_equals_float32_rounded_to_bf16():
 
 @torch.no_grad()
 def test_bf16_on_a_cpu_without_bf16_runs_in_fp32_and_returns_bf16(monkeypatch):
-    monkeypatch.setattr(util, "cpu_has_bf16", lambda: False)
-    conv, linear = util.Conv2d(4, 4, 3, padding=1), util.Linear(4, 3)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
+    conv, linear = fast_conv.FastConv2d(4, 4, 3, padding=1), fast_conv.FastLinear(4, 3)
     x = torch.randn(1, 4, 8, 8)
     for layer, inputs in ((conv, x), (linear, x.flatten(2).transpose(1, 2))):
         expected = layer(inputs)
@@ -352,19 +353,20 @@ def test_tiled_decode_runs_at_a_size(autoencoder):
     assert torch.isfinite(image).all()
 
 
-@pytest.mark.parametrize("guided,grad", [(True, False), (False, False), (True, True)])
-def test_guided_step_runs_the_layers_before_cross_attention_once_with_the_same_result(guided, grad):
-    unet = random_tiny_model().model.diffusion_model
+@pytest.mark.parametrize("guided_pair,grad", [(True, False), (False, False), (True, True)])
+def test_a_guided_step_runs_the_layers_before_cross_attention_once_with_the_same_result(guided_pair, grad):
+    """The caller marks a guided step (the same latents and timesteps under two contexts); the accelerated UNet
+    then runs the layers before the first cross-attention at half the batch, where autograd records nothing."""
+    unet = accel.optimize(random_tiny_model()).model.diffusion_model
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, 8, 8, generator=generator)
-    other = latents if guided else torch.randn(2, 4, 8, 8, generator=generator)
     t = torch.tensor([10, 700])
     context = torch.randn(4, 5, 32, generator=generator)  # [unconditional, conditional]
     batches = []
     unet.input_blocks[0].register_forward_hook(lambda module, inputs, output: batches.append(inputs[0].shape[0]))
     with torch.set_grad_enabled(grad):
-        out = unet(torch.cat([latents, other]), torch.cat([t, t]), context=context)
+        out = unet(torch.cat([latents, latents]), torch.cat([t, t]), context=context, guided_pair=guided_pair)
     with torch.no_grad():
-        reference = torch.cat([unet(latents, t, context=context[:2]), unet(other, t, context=context[2:])])
-    assert batches[0] == (2 if guided and not grad else 4)
+        reference = torch.cat([unet(latents, t, context=context[:2]), unet(latents, t, context=context[2:])])
+    assert batches[0] == (2 if guided_pair and not grad else 4)
     assert out.shape == reference.shape and relative_error(out, reference) < 1e-5

@@ -258,6 +258,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="compile the UNet with torch.compile, for faster steps on CUDA (needs Triton there, "
                             "and a C++ compiler on the CPU); the first sampling step waits for the compilation, "
                             "which takes minutes")
+    speed.add_argument("--no_accel", action="store_true",
+                       help="run the model's plain layers, without the CPU speed work of ldm.accel (the same "
+                            "images within float rounding, slower; also LDM_ACCEL=0)")
     speed.add_argument("--max_pixels", type=positive_int, default=None, metavar="N",
                        help="the largest image to accept, in pixels (H x W); default: what the device's free memory "
                             "holds at this --n_samples, estimated from the model's widths and checked before the "

@@ -11,6 +11,7 @@ from typing import Any, ContextManager, Mapping
 import torch
 
 import ldm
+from ldm import accel
 from ldm.cli.hashing import BackgroundHash
 from ldm.cli.runtime import (
     check_compile_available,
@@ -85,6 +86,8 @@ def open_session(opt: argparse.Namespace, config: Mapping[str, Any]) -> Session:
     # With --lowvram the model loads into CPU memory, and only its small rest moves to the device now.
     cpu = torch.device("cpu")
     model = load_model(config, opt.ckpt, cpu if opt.lowvram else device, opt.embedding_path, opt.precision)
+    if not opt.no_accel:
+        accel.optimize(model, device)
     if opt.lowvram:
         enable_offload(model, device)
     if opt.tiled_decode:

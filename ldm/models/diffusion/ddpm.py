@@ -427,14 +427,17 @@ class LatentDiffusion(DDPM):
             c = self.get_learned_conditioning(c)
         return self.p_losses(x, c, t, *args, **kwargs)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:
-        """eps_theta(x_t, t, c): the UNet's prediction for a batch of noisy latents."""
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False, *,
+                    guided_pair: bool = False) -> torch.Tensor:
+        """eps_theta(x_t, t, c): the UNet's prediction for a batch of noisy latents. `guided_pair` says that the
+        batch is a classifier-free guidance step's (the same x and t twice, under two conditionings); the result
+        is the same either way (see `UNetModel.forward`)."""
         if not isinstance(cond, dict):
             if not isinstance(cond, list):
                 cond = [cond]
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond}
-        return self.model(x_noisy, t, **cond)
+        return self.model(x_noisy, t, **cond, guided_pair=guided_pair)
 
     def p_losses(self, x_start: torch.Tensor, cond: Any, t: torch.Tensor, noise: Optional[torch.Tensor] = None):
         """The training loss: simple (Ho et al. 2020, eq. 14), optionally over a learned log-variance,
@@ -501,13 +504,15 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
-                c_crossattn: Optional[list] = None) -> torch.Tensor:
+                c_crossattn: Optional[list] = None, guided_pair: bool = False) -> torch.Tensor:
+        """The UNet on x (with `c_concat` concatenated) under `c_crossattn`; `guided_pair` reaches the UNet where
+        only the cross-attention context differs between the batch's halves."""
         if self.conditioning_key is None:
             return self.diffusion_model(x, t)
         if self.conditioning_key == "concat":
             return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
         if self.conditioning_key == "crossattn":
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), guided_pair=guided_pair)
         if self.conditioning_key == "hybrid":
             return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(c_crossattn, 1))
         return self.diffusion_model(x, t, y=c_crossattn[0])

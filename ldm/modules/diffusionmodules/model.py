@@ -1,7 +1,6 @@
 """Encoder and decoder of the KL-regularised autoencoder (Esser et al. 2021, "Taming
 Transformers"; Rombach et al. 2022, sec. 3.1): ResNet blocks with GroupNorm and swish,
-one self-attention block in the middle. Both run channels-last inside (faster convolutions,
-and the pixels-as-tokens view of the attention block needs no copy).
+one self-attention block in the middle.
 """
 from __future__ import annotations
 
@@ -11,9 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules import chunks
-from ldm.modules.diffusionmodules.banded import norm_swish_conv
-from ldm.modules.diffusionmodules.util import Conv2d, GroupNorm32, Linear, emulated_bf16
+from ldm.modules.diffusionmodules.util import GroupNorm32
 
 
 def nonlinearity(x: torch.Tensor) -> torch.Tensor:
@@ -30,12 +27,11 @@ class Upsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.with_conv:
-            return self.conv.upsampled(x)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
 
 
 class Downsample(nn.Module):
@@ -45,7 +41,7 @@ class Downsample(nn.Module):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_conv:
@@ -62,30 +58,26 @@ class ResnetBlock(nn.Module):
         self.out_channels = out_channels
         self.use_conv_shortcut = conv_shortcut
         self.norm1 = Normalize(in_channels)
-        self.conv1 = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if temb_channels > 0:
-            self.temb_proj = Linear(temb_channels, out_channels)
+            self.temb_proj = nn.Linear(temb_channels, out_channels)
         self.norm2 = Normalize(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             if conv_shortcut:
-                self.conv_shortcut = Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
+                self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
             else:
-                self.nin_shortcut = Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
+                self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        """Where autograd records nothing, large maps go through `norm_swish_conv` band by band and the residual
-        sum overwrites the block's own output: a 512² decode holds fewer full-resolution maps at once."""
-        h = norm_swish_conv(self.norm1, self.conv1, x)
+        h = self.conv1(nonlinearity(self.norm1(x)))
         if temb is not None:
             h = h + self.temb_proj(nonlinearity(temb))[:, :, None, None]
-        h = norm_swish_conv(self.norm2, self.conv2, h, self.dropout)
+        h = self.conv2(self.dropout(nonlinearity(self.norm2(h))))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        if torch.is_grad_enabled() or h.dtype != x.dtype:  # autocast: the sum takes the wider type, as x + h
-            return x + h
-        return h.add_(x)
+        return x + h
 
 
 class AttnBlock(nn.Module):
@@ -95,20 +87,16 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.in_channels = in_channels
         self.norm = Normalize(in_channels)
-        self.q = Conv2d(in_channels, in_channels, kernel_size=1)
-        self.k = Conv2d(in_channels, in_channels, kernel_size=1)
-        self.v = Conv2d(in_channels, in_channels, kernel_size=1)
-        self.proj_out = Conv2d(in_channels, in_channels, kernel_size=1)
+        self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.proj_out = nn.Conv2d(in_channels, in_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         b, c, height, width = h.shape
         q, k, v = (layer(h).flatten(2).transpose(1, 2)[:, None] for layer in (self.q, self.k, self.v))
-        if emulated_bf16(q):
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v)
         out = out[:, 0].transpose(1, 2).reshape(b, c, height, width)
         return x + self.proj_out(out)
 
@@ -137,7 +125,7 @@ class Encoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.resolution = resolution
         self.in_channels = in_channels
-        self.conv_in = Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
         curr_res = resolution
         in_ch_mult = (1, *ch_mult)
         self.in_ch_mult = in_ch_mult
@@ -168,11 +156,11 @@ class Encoder(nn.Module):
         self.mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
                                        dropout=dropout)
         self.norm_out = Normalize(block_in)
-        self.conv_out = Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1,
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, stride=1,
                                   padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
+        h = self.conv_in(x)
         for i_level, down in enumerate(self.down):
             for i_block, block in enumerate(down.block):
                 h = block(h)
@@ -181,7 +169,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(nonlinearity(self.norm_out(h))).contiguous()
+        return self.conv_out(nonlinearity(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
@@ -206,7 +194,7 @@ class Decoder(nn.Module):
         block_in = ch * ch_mult[self.num_resolutions - 1]
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
-        self.conv_in = Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
         self.mid = nn.Module()
         self.mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=self.temb_ch,
                                        dropout=dropout)
@@ -232,10 +220,10 @@ class Decoder(nn.Module):
                 curr_res = curr_res * 2
             self.up.insert(0, up)
         self.norm_out = Normalize(block_in)
-        self.conv_out = Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z.contiguous(memory_format=torch.channels_last))
+        h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
@@ -244,10 +232,8 @@ class Decoder(nn.Module):
                 if len(up.attn) > 0:
                     h = up.attn[i_block](h)
             if i_level != 0:
-                if h.device.type == "cpu" and not torch.is_grad_enabled():
-                    chunks.release_freed_memory()
                 h = up.upsample(h)
         if self.give_pre_end:
-            return h.contiguous()
-        h = norm_swish_conv(self.norm_out, self.conv_out, h).contiguous()
+            return h
+        h = self.conv_out(nonlinearity(self.norm_out(h)))
         return torch.tanh(h) if self.tanh_out else h

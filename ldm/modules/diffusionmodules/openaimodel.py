@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.attention import SpatialTransformer, spread_rows
+from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import (
     avg_pool_nd,
     checkpoint,
@@ -61,8 +61,6 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
-        elif self.use_conv:
-            return self.conv.upsampled(x)
         else:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.use_conv else x
@@ -224,8 +222,6 @@ class UNetModel(nn.Module):
                 input_block_chans.append(ch)
                 ds *= 2
 
-        self._transformer_in_input_blocks = any(isinstance(layer, SpatialTransformer)
-                                                for block in self.input_blocks for layer in block)
         self.middle_block = TimestepEmbedSequential(resblock(ch, ch), transformer(ch), resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList([])
@@ -245,35 +241,15 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
-    def _guided_pair(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor],
-                     y: Optional[torch.Tensor]) -> bool:
-        """Whether the batch is a classifier-free guidance step's: the same latents, timesteps (and labels) twice,
-        under the two halves of `context` (the unconditional and the conditional one; see `guided_denoiser`).
-
-        Everything before the first cross-attention is then the same for both halves, so CPU inference runs it
-        once and the first `SpatialTransformer` spreads its rows over the contexts: the first level's convolutions
-        and its self-attention over all 4096 pixels of a 512x512 image, about 3 % of a CPU step. Each output row is
-        the one the full batch would give, up to float rounding. (On a GPU, comparing the halves would make the
-        host wait for the device on every step.)"""
-        if (context is None or x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or x.shape[0] % 2 or context.shape[0] != x.shape[0] or not self._transformer_in_input_blocks):
-            return False
-        half = x.shape[0] // 2
-
-        def repeated(value: Optional[torch.Tensor]) -> bool:
-            return value is None or value.ndim == 0 or torch.equal(value[:half], value[half:])
-
-        return torch.equal(x[:half], x[half:]) and repeated(timesteps) and repeated(y)
-
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
-        """Predict the noise in `x` at `timesteps` given the text `context` [B, tokens, context_dim]."""
+                y: Optional[torch.Tensor] = None, guided_pair: bool = False, **kwargs) -> torch.Tensor:
+        """Predict the noise in `x` at `timesteps` given the text `context` [B, tokens, context_dim].
+
+        `guided_pair=True` says that the batch is a classifier-free guidance step's: the same latents, timesteps
+        (and labels) twice, under the unconditional and the conditional context. The result is the same either
+        way; an accelerated UNet (ldm.accel) may compute the layers before the first cross-attention once."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y exactly when the model is class-conditional")
-        if self._guided_pair(x, timesteps, context, y):
-            half = x.shape[0] // 2
-            x, y = x[:half], None if y is None else y[:half]
-            timesteps = timesteps if timesteps.ndim == 0 else timesteps[:half]
         weight_dtype = self.time_embed[0].weight.dtype
         t_emb = timestep_embedding(timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps,
                                    self.model_channels).to(weight_dtype)
@@ -281,17 +257,13 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         h = x.to(weight_dtype) if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type) else x
-        # Channels-last all the way: convolutions need no layout reorders, attention no transposing copies.
-        h = h.contiguous(memory_format=torch.channels_last)
         if context is not None and context.dtype != h.dtype and not torch.is_autocast_enabled(x.device.type):
             context = context.to(h.dtype)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)
-            if h.shape[0] != emb.shape[0]:  # the first transformer spread the shared rows over the contexts
-                emb, skips = spread_rows(emb, h.shape[0]), [spread_rows(skip, h.shape[0]) for skip in skips]
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for module in self.output_blocks:
             h = module(torch.cat([h, skips.pop()], dim=1), emb, context)
-        return self.out(h).to(dtype=x.dtype, memory_format=torch.contiguous_format)
+        return self.out(h).to(x.dtype)

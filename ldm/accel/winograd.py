@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ldm.modules.diffusionmodules import chunks
+from ldm.accel import chunks
 
 _MATRICES = {
     2: dict(BT=[[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.modules.diffusionmodules import chunks
+from ldm.accel import chunks
 
 
 def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
