@@ -3,13 +3,21 @@ original samplers. Timesteps are spaced evenly over [0, T-1] and the last step l
 data prediction, so 15-25 steps give images of DDIM-50 quality."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from ldm.models.diffusion.sampling import dpm_solver_pp_2m, guided_denoiser
+from ldm.models.diffusion.sampling import (
+    check_batch_size,
+    check_sampler_options,
+    corrected_denoiser,
+    dpm_solver_pp_2m_step,
+    first_stage_quantizer,
+    guided_denoiser,
+    keep_known_region,
+    sample_loop,
+)
 
 
 def dpm_solver_timesteps(steps: int, num_train_timesteps: int) -> np.ndarray:
@@ -20,33 +28,40 @@ def dpm_solver_timesteps(steps: int, num_train_timesteps: int) -> np.ndarray:
 
 
 class DPMSolverSampler:
-    def __init__(self, model: Any, **kwargs):
+    def __init__(self, model: Any):
         self.model = model
 
     @torch.no_grad()
     def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: Any = None,
-               callback: Optional[Callable] = None, img_callback: Optional[Callable] = None, eta: float = 0.0,
-               verbose: bool = True, x_T: Optional[torch.Tensor] = None, log_every_t: int = 100,
-               unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
-               generator: Optional[torch.Generator] = None, **kwargs):
-        """Sample `batch_size` latents of `shape` (C, H, W) in S steps; returns (samples, None)."""
-        if eta != 0:
-            raise ValueError("DPM-Solver++(2M) is deterministic: eta must be 0")
-        device = self.model.device
-        x = torch.randn((batch_size, *shape), device=device, generator=generator) if x_T is None else x_T
+               callback: Optional[Callable[[int], None]] = None, normals_sequence: Any = None,
+               img_callback: Optional[Callable[[torch.Tensor, int], None]] = None, quantize_x0: bool = False,
+               eta: float = 0.0, mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None,
+               temperature: float = 1.0, noise_dropout: float = 0.0, score_corrector: Any = None,
+               corrector_kwargs: Optional[Mapping[str, Any]] = None, verbose: bool = True,
+               x_T: Optional[torch.Tensor] = None, log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
+               unconditional_conditioning: Any = None,
+               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
+        """Sample `batch_size` latents of `shape` (C, H, W) in S steps; returns (samples, intermediates).
+
+        The options are DDIM's (`DDIMSampler.sample`), with the data prediction x_0 in place of DDIM's
+        pred_x0. The solver draws no noise, so `eta`, `temperature` and `noise_dropout` are refused unless
+        at their defaults.
+        """
+        for name, value, default in (("eta", eta, 0.0), ("temperature", temperature, 1.0),
+                                     ("noise_dropout", noise_dropout, 0.0)):
+            if value != default:
+                raise ValueError(f"DPM-Solver++(2M) is deterministic: {name} must be {default}, got {value}")
+        check_batch_size(conditioning, batch_size)
+        check_sampler_options(normals_sequence=normals_sequence, mask=mask, x0=x0, log_every_t=log_every_t)
         timesteps = dpm_solver_timesteps(S, self.model.num_timesteps)
-        denoise = guided_denoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
-        progress = tqdm(total=len(timesteps), desc="DPM-Solver++ Sampler", disable=not verbose)
-
-        def on_step(i: int, x_t: torch.Tensor, x0: torch.Tensor) -> None:
-            progress.update(1)
-            if callback:
-                callback(i)
-            if img_callback:
-                img_callback(x0, i)
-
-        try:
-            samples = dpm_solver_pp_2m(denoise, x, timesteps, self.model.alphas_cumprod, callback=on_step)
-        finally:
-            progress.close()
-        return samples.to(x.dtype), None
+        denoise = corrected_denoiser(
+            guided_denoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale),
+            score_corrector, self.model, conditioning, corrector_kwargs)
+        step = dpm_solver_pp_2m_step(denoise, timesteps, self.model.alphas_cumprod,
+                                     first_stage_quantizer(self.model) if quantize_x0 else None)
+        if mask is not None:
+            step = keep_known_region(step, x0, mask, self.model.q_sample, generator)
+        x = torch.randn((batch_size, *shape), device=self.model.device, generator=generator) if x_T is None else x_T
+        samples, intermediates = sample_loop(step, x, timesteps, desc="DPM-Solver++ Sampler", verbose=verbose,
+                                             callback=callback, img_callback=img_callback, log_every_t=log_every_t)
+        return samples.to(x.dtype), intermediates
