@@ -89,9 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     init_image = open_init_image(opt.init_img)
 
     import torch
-    from tqdm.auto import tqdm, trange
 
     from ldm.cli.images import image_to_tensor, to_unit_images
+    from ldm.cli.loop import render_batches
     from ldm.cli.runtime import check_fits_device, load_checked_config
     from ldm.cli.session import open_session
 
@@ -102,26 +102,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     width, height = init_image.size
     check_fits_device(opt, geometry, height, width)
     session = open_session(opt, config)
-    model, sampler, writer, device = session.model, session.sampler, session.writer, session.device
+    model, sampler, device = session.model, session.sampler, session.device
     sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     t_enc = int(opt.strength * opt.ddim_steps)
     # strength 1.0 gives t_enc = ddim_steps, one past the schedule (the original crashed there): noise to its top.
     encode_index = min(t_enc, len(sampler.ddim_timesteps) - 1)
     print(f"target t_enc is {t_enc} steps", flush=True)
     init_pixels = image_to_tensor(init_image).to(device)
-    multi_batch = len(batches) > 1
 
     def encode(batch_size: int) -> torch.Tensor:
         return model.get_first_stage_encoding(model.encode_first_stage(init_pixels.repeat(batch_size, 1, 1, 1)))
 
-    def render(prompts: list[str], init_latent: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+    def render(prompts: list[str], alone: bool) -> torch.Tensor:
+        if alone:
+            latent, noise = encode(1), None
+        else:
+            latent, noise = init_latent, None if fixed_noise is None else fixed_noise[:len(prompts)]
         with session.precision():
             uc = None
             if opt.scale != 1.0:
                 uc = model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
             c = model.get_learned_conditioning(prompts)
             t = torch.tensor([encode_index] * len(prompts), device=device)
-            z_enc = sampler.stochastic_encode(init_latent[:len(prompts)], t, noise=noise)
+            z_enc = sampler.stochastic_encode(latent[:len(prompts)], t, noise=noise)
             samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
                                      unconditional_conditioning=uc)
             return to_unit_images(model.decode_first_stage(samples))
@@ -135,33 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if opt.fixed_code:
             fixed_noise = torch.randn(init_latent.shape, device=device, dtype=init_latent.dtype)
 
-    sample_index = 0
-    try:
-        with torch.no_grad(), model.ema_scope():
-            for n in trange(opt.n_iter, desc="Sampling"):
-                for b, prompts in enumerate(tqdm(batches, desc="data")):
-                    position = {"Denoising strength": opt.strength, "Iteration": n,
-                                "Prompt batch": b if multi_batch else None}
-                    if opt.seed_per_sample:
-                        for prompt in prompts:
-                            seed = (opt.seed + sample_index) % 2 ** 32
-                            seed_everything(seed)
-                            writer.add(render([prompt], encode(1), None), [prompt],
-                                       [session.fields(seed, (width, height), **position)])
-                            sample_index += 1
-                        continue
-                    noise = None if fixed_noise is None else fixed_noise[:len(prompts)]
-                    images = render(prompts, init_latent, noise)
-                    fields = [session.fields(opt.seed, (width, height), **{"Batch size": len(prompts),
-                                                                           "Batch pos": j, **position,
-                                                                           "Fixed code": opt.fixed_code or None})
-                              for j in range(len(prompts))]
-                    writer.add(images, prompts, fields)
-    except KeyboardInterrupt:
-        print(f"interrupted: {len(writer.saved)} images saved in {writer.sample_dir}", flush=True)
-        raise
-    grid = writer.finish()
-    print(writer.summary(grid))
+    render_batches(session, batches, render, (width, height), {"Denoising strength": opt.strength})
 
 
 if __name__ == "__main__":

@@ -77,9 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_checkpoint_exists(opt)
 
     import torch
-    from tqdm.auto import tqdm, trange
 
     from ldm.cli.images import to_unit_images
+    from ldm.cli.loop import render_batches
     from ldm.cli.runtime import check_fits_device, check_image_size, load_checked_config
     from ldm.cli.session import open_session
 
@@ -88,11 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_image_size(geometry, opt.H, opt.W)
     check_fits_device(opt, geometry, opt.H, opt.W)
     session = open_session(opt, config)
-    model, sampler, writer = session.model, session.sampler, session.writer
+    model, sampler = session.model, session.sampler
     shape = [opt.C, opt.H // opt.f, opt.W // opt.f]
-    multi_batch = len(batches) > 1
 
-    def render(prompts: list[str], start_code: Optional[torch.Tensor]) -> torch.Tensor:
+    def render(prompts: list[str], alone: bool) -> torch.Tensor:
+        x_T = None if alone or start_code is None else start_code[:len(prompts)]
         with session.precision():
             uc = None
             if opt.scale != 1.0:
@@ -100,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             c = model.get_learned_conditioning(prompts)
             samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts), shape=shape,
                                         verbose=True, unconditional_guidance_scale=opt.scale,
-                                        unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=start_code)
+                                        unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=x_T)
             return to_unit_images(model.decode_first_stage(samples))
 
     # Seeded once the model is loaded, so that loading cannot shift the stream. On CUDA this gives the start
@@ -111,31 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if opt.fixed_code:
         start_code = torch.randn([opt.n_samples, *shape], device=session.device)
 
-    sample_index = 0
-    try:
-        with torch.no_grad(), model.ema_scope():
-            for n in trange(opt.n_iter, desc="Sampling"):
-                for b, prompts in enumerate(tqdm(batches, desc="data")):
-                    position = {"Iteration": n, "Prompt batch": b if multi_batch else None}
-                    if opt.seed_per_sample:
-                        for prompt in prompts:
-                            seed = (opt.seed + sample_index) % 2 ** 32
-                            seed_everything(seed)
-                            writer.add(render([prompt], None), [prompt],
-                                       [session.fields(seed, (opt.W, opt.H), **position)])
-                            sample_index += 1
-                        continue
-                    images = render(prompts, None if start_code is None else start_code[:len(prompts)])
-                    fields = [session.fields(opt.seed, (opt.W, opt.H), **{"Batch size": len(prompts),
-                                                                          "Batch pos": j, **position,
-                                                                          "Fixed code": opt.fixed_code or None})
-                              for j in range(len(prompts))]
-                    writer.add(images, prompts, fields)
-    except KeyboardInterrupt:
-        print(f"interrupted: {len(writer.saved)} images saved in {writer.sample_dir}", flush=True)
-        raise
-    grid = writer.finish()
-    print(writer.summary(grid))
+    render_batches(session, batches, render, (opt.W, opt.H), {})
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from ldm.cli.images import fit_to_multiple, open_init_image
+from ldm.cli.images import fit_to_multiple, image_to_tensor, open_init_image
 from ldm.cli.outputs import parse_infotext
 from ldm.errors import UserInputError
 from tests.cli_support import parameters, pixels, run_script, sample_names, write_tiny_checkpoint
@@ -46,6 +47,54 @@ def test_full_strength_and_fixed_code_repeat_the_noise_across_iterations(tmp):
     _run(tmp, outdir, "--strength", "1.0", "--fixed_code", "--n_iter", "2", "--n_samples", "1", "--skip_grid")
     first, second = (pixels(outdir / "samples" / name) for name in sample_names(outdir))
     assert np.array_equal(first, second)
+
+
+def _original_img2img(tmp, seed: int, strength: float, n_iter: int, n_samples: int) -> list[np.ndarray]:
+    """The sampling loop of the original CompVis scripts/img2img.py on the CPU, as it draws its noise (the init
+    image read as this project reads it), on one thread as the scripts run in these tests."""
+    from pytorch_lightning import seed_everything
+
+    from ldm import accel
+    from ldm.checkpoint import load_model_from_config
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed_everything(seed)
+        # The script's layers (ldm.accel's, unless LDM_ACCEL=0), so that only the order of the draws is compared.
+        model = accel.optimize(load_model_from_config(str(TINY_SD_CONFIG), str(tmp / "tiny.safetensors")), "cpu")
+        sampler = DDIMSampler(model)
+        init_image, _ = fit_to_multiple(open_init_image(str(tmp / "init.png")), 16)
+        init_image = image_to_tensor(init_image).repeat(n_samples, 1, 1, 1)
+        init_latent = model.get_first_stage_encoding(model.encode_first_stage(init_image))
+        sampler.make_schedule(ddim_num_steps=4, ddim_eta=0.0, verbose=False)
+        t_enc = int(strength * 4)
+        images = []
+        with torch.no_grad(), model.ema_scope():
+            for _ in range(n_iter):
+                uc = model.get_learned_conditioning(n_samples * [""])
+                c = model.get_learned_conditioning(n_samples * ["a blue star"])
+                z_enc = sampler.stochastic_encode(init_latent, torch.tensor([t_enc] * n_samples))
+                samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=5.0,
+                                         unconditional_conditioning=uc, verbose=False)
+                x = torch.clamp((model.decode_first_stage(samples) + 1.0) / 2.0, min=0.0, max=1.0)
+                images += [(255.0 * s).astype(np.uint8) for s in x.cpu().permute(0, 2, 3, 1).numpy()]
+        return images
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_noise_is_drawn_as_the_original_draws_it(tmp):
+    outdir = tmp / "as-original"
+    _run(tmp, outdir, "--strength", "0.5", "--prompt", "a blue star", "--seed", "11", "--n_iter", "2",
+         "--skip_grid")
+    expected = _original_img2img(tmp, seed=11, strength=0.5, n_iter=2, n_samples=2)
+    names = sample_names(outdir)
+    assert len(names) == len(expected) == 4
+    assert not np.array_equal(expected[0], expected[2])  # a new noise for every iteration
+    for name, image in zip(names, expected):
+        assert np.array_equal(pixels(outdir / "samples" / name), image), name
 
 
 def test_exif_orientation_is_applied(tmp_path):

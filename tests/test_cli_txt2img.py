@@ -100,11 +100,13 @@ def _original_txt2img(ckpt, seed: int, fixed_code: bool, n_iter: int = 2, n_samp
 def _original_loop(ckpt, seed: int, fixed_code: bool, n_iter: int, n_samples: int) -> list[np.ndarray]:
     from pytorch_lightning import seed_everything
 
+    from ldm import accel
     from ldm.checkpoint import load_model_from_config
     from ldm.models.diffusion.ddim import DDIMSampler
 
     seed_everything(seed)
-    model = load_model_from_config(str(TINY_SD_CONFIG), str(ckpt))
+    # The script's layers (ldm.accel's, unless LDM_ACCEL=0), so that only the order of the draws is compared.
+    model = accel.optimize(load_model_from_config(str(TINY_SD_CONFIG), str(ckpt)), "cpu")
     sampler = DDIMSampler(model)
     start_code = torch.randn([n_samples, 4, 8, 8]) if fixed_code else None
     images = []
