@@ -5,26 +5,27 @@
   Lightning 1.x checkpoint names (its ModelCheckpoint callback key, numpy scalars) are allowed
   as inert stand-ins. Zip-format files are memory-mapped.
 * `.safetensors` is read without pickle at all.
-* Models are built with weight initialisation switched off and the checkpoint's tensors are
-  assigned in place, so loading touches each weight once and needs no second copy.
+* Models are built with their weights on the meta device and without running their initialisers, and the
+  checkpoint's tensors are assigned in place, so loading touches each weight once and needs no second copy.
+  Only the thread that builds the model is affected: no class or global of torch is changed.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import itertools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ldm.config_files import read_plain_config
 from ldm.errors import CheckpointError, describe_pickle_refusal, first_line
 from ldm.safetensors_mmap import SafetensorsFormatError, load_mapped
+from ldm.schedule_buffers import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -38,11 +39,15 @@ class _InertLightningObject:
     """Stand-in for a class that a Lightning checkpoint names only as a dictionary key."""
 
 
+# What numpy scalars pickle as (`numpy.core.multiarray.scalar` in numpy 1, `numpy._core...` in numpy 2), found
+# through their public pickling protocol rather than numpy's private modules.
+_NUMPY_SCALAR = np.float64(0.0).__reduce__()[0]
+
 _SAFE_GLOBALS: list[Any] = [
     (_InertLightningObject, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
     (_InertLightningObject, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-    np._core.multiarray.scalar,
+    (_NUMPY_SCALAR, "numpy.core.multiarray.scalar"),
+    _NUMPY_SCALAR,
     np.dtype,
     *(getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType")),
 ]
@@ -143,86 +148,36 @@ def normalize_state_dict(state_dict: Mapping[str, torch.Tensor], model: nn.Modul
     return out
 
 
-_PLAIN_ATTRIBUTE_TYPES = frozenset({int, float, bool, str, tuple, type(None)})
+# The initialisers of torch.nn's layers that check for a torch function mode first; on a weight built on the meta
+# device they have nothing to do, and skipping them before they compute fans saves most of a layer's build time.
+_INITIALISERS = frozenset({nn.init.kaiming_uniform_, nn.init.uniform_, nn.init.normal_, nn.init.constant_})
 
 
-def _registration_hooks_installed() -> bool:
-    from torch.nn.modules import module as module_file
+class _WeightsOnMeta(TorchFunctionMode):
+    """A torch function mode (active in the thread that enters it only) in which `torch.empty` without a device, the
+    storage of every torch.nn layer's weights, makes meta tensors, and initialisers skip meta tensors. Tensors made
+    from values (`torch.tensor`, `zeros`, `full`, ...: the noise schedule, a learned log-variance) stay real."""
 
-    return bool(getattr(module_file, "_global_parameter_registration_hooks", True))
-
-
-@contextlib.contextmanager
-def plain_attributes_set_directly() -> Iterator[None]:
-    """While building a model, set straight into the instance the module attributes for which
-    `nn.Module.__setattr__` would only pass its checks: plain values (numbers, strings, tuples, None) under names
-    that are not a parameter, buffer or submodule, and new parameters on the meta device (as `register_parameter`
-    stores them, when no global registration hook is installed). The checks were about 60% of the time of
-    building the 1200 modules of SD v1."""
-    module_setattr = nn.Module.__setattr__
-    parameters_directly = not _registration_hooks_installed()
-
-    def setattr_directly(module: nn.Module, name: str, value: Any) -> None:
-        own = module.__dict__
-        kind = type(value)
-        if kind in _PLAIN_ATTRIBUTE_TYPES:
-            if (name not in own.get("_parameters", ()) and name not in own.get("_buffers", ())
-                    and name not in own.get("_modules", ())):
-                object.__setattr__(module, name, value)
-                return
-        elif (kind is nn.Parameter and parameters_directly and value.is_meta and "_parameters" in own
-              and name and "." not in name and name not in own and not hasattr(type(module), name)
-              and name not in own["_buffers"] and name not in own["_modules"]):
-            own["_parameters"][name] = value
-            return
-        module_setattr(module, name, value)
-
-    nn.Module.__setattr__ = setattr_directly
-    try:
-        yield
-    finally:
-        nn.Module.__setattr__ = module_setattr
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.empty:
+            if kwargs.get("device") is None:
+                kwargs["device"] = "meta"
+        elif func in _INITIALISERS:
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def no_weight_init() -> Iterator[None]:
-    """Build modules with their parameters on the meta device and without running their random
-    initialisers: no memory is allocated or written for weights a checkpoint is about to replace.
-    Load with `assign=True` (`load_state_dict_into` does so for such models); parameters the checkpoint
-    lacks are then given real storage by `materialise_missing`. Buffers stay real (they are small and
-    often computed, e.g. the noise schedule)."""
-    classes = [nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding, nn.LayerNorm,
-               nn.GroupNorm]
-    saved = {cls: (cls.__dict__["__init__"], cls.__dict__.get("reset_parameters")) for cls in classes}
-    register_parameter = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        register_parameter(module, name, param)
-
-    def built_on_meta(init: Any) -> Any:
-        @functools.wraps(init)
-        def build(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-            kwargs.setdefault("device", "meta")
-            init(self, *args, **kwargs)
-        return build
-
-    try:
-        nn.Module.register_parameter = register_on_meta
-        for cls, (init, _) in saved.items():
-            cls.__init__ = built_on_meta(init)
-            cls.reset_parameters = lambda self: None
-        with plain_attributes_set_directly():
-            yield
-    finally:
-        nn.Module.register_parameter = register_parameter
-        for cls, (init, reset_parameters) in saved.items():
-            cls.__init__ = init
-            if reset_parameters is None:
-                delattr(cls, "reset_parameters")
-            else:
-                cls.reset_parameters = reset_parameters
+def no_weight_init() -> TorchFunctionMode:
+    """A context in which modules are built with their weights on the meta device and without running their random
+    initialisers: no memory is allocated or written for weights a checkpoint is about to replace. Load with
+    `assign=True` (`load_state_dict_into` does so for such models); weights the checkpoint lacks are then given
+    real storage by `materialise_missing`. Buffers stay real (they are small and often computed, e.g. the noise
+    schedule). It changes nothing outside the thread that enters it: models built at the same time in other threads
+    are built as usual."""
+    return _WeightsOnMeta()
 
 
 def materialise_missing(model: nn.Module) -> list[str]:
@@ -263,9 +218,7 @@ def _initialise_missing(model: nn.Module) -> None:
     """Give weights the checkpoint lacks a proper initialisation (they were built without storage)."""
     materialised = materialise_missing(model)
     if getattr(model, "use_ema", False) and any(key.startswith("model_ema.") for key in materialised):
-        from ldm.modules.ema import LitEma
-
-        model.model_ema = LitEma(model.model)
+        model.model_ema = type(model.model_ema)(model.model)  # a fresh EMA, seeded from the loaded weights
 
 
 def load_state_dict_into(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor],
@@ -353,8 +306,6 @@ def _assign_tensors(slots: Mapping[str, tuple[nn.Module, str, bool]], own: Mappi
 
 
 def _is_schedule_buffer(key: str) -> bool:
-    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
-
     return key in SCHEDULE_BUFFERS
 
 
@@ -397,8 +348,7 @@ def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], devic
     if device.type != "cpu":  # built and read on the CPU: elsewhere the model moves
         model.to(device)
     if eval_mode:
-        with plain_attributes_set_directly():
-            model.eval()
+        model.eval()
     return model
 
 
@@ -414,8 +364,6 @@ def cast_weight(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _cast_weights(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters and buffers to `dtype`, keeping the diffusion schedule in float32."""
-    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
-
     for module in model.modules():
         for key, param in module._parameters.items():
             if param is not None and param.is_floating_point() and param.dtype != dtype:

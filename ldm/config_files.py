@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
+# OmegaConf has no public way to parse YAML without building its nodes: this private function is the one that
+# `OmegaConf.load` uses, so the version of omegaconf is pinned in pyproject.toml (tests/test_config_files.py).
+from omegaconf._yaml import get_yaml_loader
 
 from ldm.errors import UserInputError, first_line
 
@@ -31,27 +34,16 @@ def load_config(path: str | os.PathLike) -> DictConfig:
     return config
 
 
-def _omegaconf_yaml_loader() -> Optional[type]:
-    """The YAML loader OmegaConf parses files with (YAML 1.1 plus floats like `1e-4`), where this version of
-    OmegaConf exposes it."""
-    try:
-        from omegaconf._yaml import get_yaml_loader
-    except ImportError:
-        return None
-    return get_yaml_loader()
-
-
 def read_plain_config(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML config as plain dicts and lists: what `OmegaConf.to_container(load_config(path), resolve=True)`
     gives, parsed by OmegaConf's YAML rules but without building its node objects, which took a sixth of the
     time of loading SD v1 from a .safetensors file. Files with `${...}` interpolations go through OmegaConf."""
     path = _existing_file(path)
     text = path.read_text(encoding="utf-8")
-    loader = _omegaconf_yaml_loader()
-    if loader is None or "${" in text:
+    if "${" in text:
         return OmegaConf.to_container(load_config(path), resolve=True)
     try:
-        config = yaml.load(text, Loader=loader)
+        config = yaml.load(text, Loader=get_yaml_loader())
     except Exception as error:
         raise UserInputError(f"cannot parse config {path}: {first_line(error)}") from error
     if not isinstance(config, dict):

@@ -48,16 +48,6 @@ def instantiate_from_config(config: Mapping[str, Any]) -> Any:
     return target(**params)
 
 
-def load_model_from_config(config: Any, ckpt: Optional[str], **kwargs: Any) -> nn.Module:
-    """Build the model of `config` (a whole config or its `model` section) and load `ckpt` into it.
-
-    See `ldm.checkpoint.load_model_from_config` for the keyword arguments.
-    """
-    from ldm.checkpoint import load_model_from_config as load
-
-    return load(config, ckpt, **kwargs)
-
-
 def exists(value: Any) -> bool:
     return value is not None
 

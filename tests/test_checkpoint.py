@@ -2,13 +2,19 @@
 import os
 import pickle
 import sys
+import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from ldm.checkpoint import load_model_from_config, no_weight_init, plain_attributes_set_directly, read_checkpoint
+import ldm.checkpoint
+from ldm.checkpoint import load_model_from_config, no_weight_init, read_checkpoint
 from ldm.errors import CheckpointError, describe_pickle_refusal
 from ldm.util import instantiate_from_config
 from tests.model_factory import random_tiny_model, tiny_config
@@ -242,40 +248,94 @@ def test_checkpoint_of_an_unrelated_model(tmp_path):
         load_model_from_config(tiny_config(), path)
 
 
-def test_loading_runs_no_weight_initialiser(tmp_path, original_state, monkeypatch):
+# Initialisers that write a weight: nn.init's (which a torch function mode sees whole) and the tensor methods that
+# the rest of nn.init calls.
+WRITING_INITIALISERS = frozenset({nn.init.kaiming_uniform_, nn.init.uniform_, nn.init.normal_, nn.init.constant_,
+                                  torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.fill_,
+                                  torch.Tensor.zero_})
+
+
+class InitialiserSpy(TorchFunctionMode):
+    """Records the initialisers that write a tensor with storage (not one on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in WRITING_INITIALISERS:
+            tensor = args[0] if args else kwargs["tensor"]
+            if not tensor.is_meta:
+                self.writes.append((func.__name__, tuple(tensor.shape)))
+        return func(*args, **kwargs)
+
+
+def test_loading_writes_no_weight_with_an_initialiser(tmp_path, original_state):
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": original_state}, path)
-    calls = []
-    for name in ("kaiming_uniform_", "uniform_", "normal_", "xavier_uniform_", "ones_", "zeros_"):
-        original = getattr(torch.nn.init, name)
-        monkeypatch.setattr(torch.nn.init, name,
-                            lambda *a, _name=name, _original=original, **k: calls.append(_name) or _original(*a, **k))
-    load_model_from_config(tiny_config(), path)
-    assert calls == []
+    with InitialiserSpy() as spy:
+        load_model_from_config(tiny_config(), path)
+    assert spy.writes == []
+    with InitialiserSpy() as spy:
+        nn.Linear(3, 2)
+    assert [name for name, _ in spy.writes] == ["kaiming_uniform_", "uniform_"], "the spy sees initialisers"
 
 
-def test_plain_attributes_set_directly_keeps_what_module_setattr_does():
-    module_setattr = torch.nn.Module.__setattr__
-    with plain_attributes_set_directly():
-        linear = torch.nn.Linear(3, 2)
-        linear.scale, linear.name, linear.sizes = 2.5, "proj", (1, 2)
-        linear.bias = None  # a registered parameter: still goes through nn.Module
-        linear.register_buffer("steps", torch.zeros(1))
-        linear.steps = None
-        linear.child = torch.nn.Identity()
-        linear.child = None
-        with pytest.raises(TypeError):
-            linear.weight = 3  # neither a Parameter nor None, as nn.Module refuses
-        linear.extra = torch.nn.Parameter(torch.empty(2, device="meta"))
-        with pytest.raises(KeyError):
-            linear.forward = torch.nn.Parameter(torch.empty(2, device="meta"))  # a method's name, as nn.Module refuses
-    assert torch.nn.Module.__setattr__ is module_setattr
-    assert linear._parameters["extra"].is_meta and "extra" not in linear.__dict__
-    assert (linear.scale, linear.name, linear.sizes) == (2.5, "proj", (1, 2))
-    assert "bias" in linear._parameters and linear.bias is None
-    assert "steps" in linear._buffers and linear.steps is None
-    assert "child" in linear._modules and linear.child is None
-    assert [name for name, _ in linear.named_parameters()] == ["weight", "extra"]
+LAYER_CLASSES = (nn.Module, nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Embedding,
+                 nn.LayerNorm, nn.GroupNorm)
+
+
+def torch_globals() -> dict:
+    """What a process-wide patch of the layers would change: their constructors, initialisers, `__setattr__` and
+    `register_parameter`."""
+    names = ("__init__", "reset_parameters", "__setattr__", "register_parameter")
+    return {(cls, name): cls.__dict__.get(name) for cls in LAYER_CLASSES for name in names}
+
+
+def test_building_on_meta_changes_nothing_outside_its_thread():
+    before = torch_globals()
+    with no_weight_init():
+        during = torch_globals()
+        here = nn.Linear(3, 2)
+        with ThreadPoolExecutor(1) as pool:
+            elsewhere = pool.submit(nn.Linear, 3, 2).result()
+    assert during == before
+    assert here.weight.is_meta
+    assert not elsewhere.weight.is_meta and elsewhere.weight.abs().sum() > 0, "built and initialised as usual"
+    assert torch_globals() == before
+
+
+def test_two_threads_loading_at_once_both_get_their_weights(tmp_path, original_state, reference_model, monkeypatch):
+    other = random_tiny_model(seed=12)
+    paths = [tmp_path / "first.ckpt", tmp_path / "second.safetensors"]
+    torch.save({"state_dict": original_state}, paths[0])
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(paths[1]))
+    before = torch_globals()
+    both_building = threading.Barrier(2, timeout=120)
+    build = ldm.checkpoint.instantiate_from_config
+
+    def build_together(config):
+        both_building.wait()  # each thread is inside `no_weight_init` while the other builds
+        model = build(config)
+        both_building.wait()
+        return model
+
+    monkeypatch.setattr(ldm.checkpoint, "instantiate_from_config", build_together)
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda path: load_model_from_config(tiny_config(), path), paths)
+    assert_same_weights(first, reference_model)
+    assert_same_weights(second, other)
+    assert torch_globals() == before
+    assert not nn.Linear(2, 2).weight.is_meta
+
+
+def test_numpy_scalars_in_a_checkpoint_are_allowed(tmp_path, original_state):
+    """Lightning 1.x checkpoints keep numpy scalars (a callback's best score, say) beside the weights."""
+    path = tmp_path / "numpy.ckpt"
+    torch.save({"state_dict": original_state, "best_model_score": np.float64(0.25), "epoch": np.int64(3)}, path)
+    checkpoint = read_checkpoint(path)
+    assert checkpoint["best_model_score"] == 0.25 and checkpoint["epoch"] == 3
 
 
 def test_parameters_registered_while_building_still_reach_global_registration_hooks():
@@ -306,7 +366,7 @@ def test_models_are_built_without_weight_memory_and_loaded_with_none_left_empty(
         empty = instantiate_from_config(tiny_config().model)
     assert all(p.is_meta for p in empty.parameters())
     assert not any(b.is_meta for b in empty.buffers())
-    assert not torch.nn.Linear(2, 2).weight.is_meta  # the patch ends with the context
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # only inside the context
     path = tmp_path / "model.ckpt"
     torch.save({"state_dict": original_state}, path)
     model = load_model_from_config(tiny_config(), path)

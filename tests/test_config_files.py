@@ -37,3 +37,29 @@ def test_bad_files_give_one_line_errors(tmp_path, content, message):
     for read in (read_plain_config, load_config):
         with pytest.raises(UserInputError, match=message):
             read(path)
+
+
+def test_installed_omegaconf_is_the_pinned_one():
+    """`read_plain_config` parses with OmegaConf's private YAML loader (`omegaconf._yaml`, new in 2.4; 2.3 kept it
+    elsewhere), so pyproject.toml pins the versions that have it, and the installed one is among them."""
+    import re
+
+    from packaging.specifiers import SpecifierSet
+
+    import omegaconf
+
+    pin = SpecifierSet(re.search(r'"omegaconf([^"]*)"', (REPO / "pyproject.toml").read_text()).group(1))
+    assert omegaconf.__version__ in pin
+    assert "2.3.0" not in pin and "2.5.0" not in pin
+
+
+def test_yaml_edge_cases_are_read_as_omegaconf_reads_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a:\n  rate: 1e-4\n  plain: 1.5\n  day: 2022-08-01\n  flag: true\n  none: null\n  inf: .inf\n"
+                    "  words: [x, 'y', 3]\n  anchor: &size 64\n  again: *size\n")
+    assert read_plain_config(path) == OmegaConf.to_container(load_config(path), resolve=True)
+    assert read_plain_config(path)["a"]["day"] == "2022-08-01"
+    path.write_text("a: 1\na: 2\n")
+    for read in (read_plain_config, load_config):
+        with pytest.raises(UserInputError, match="cannot parse"):
+            read(path)

@@ -1,6 +1,7 @@
 """main.py end to end: training runs as subprocesses on tiny configs, their log layout, resuming (after a
 SIGKILL too, with and without -t), validation intervals longer than an epoch, metrics kept through a SIGKILL,
-two-process DDP, bad input; and overfitting a fixed batch in-process."""
+two-process DDP, bad input; in-process, overfitting a fixed batch and the Lightning hooks that training adds to a
+model (image logs, scale_by_std)."""
 from __future__ import annotations
 
 import csv
@@ -112,6 +113,46 @@ def test_loss_goes_down_when_overfitting_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def shapes_batch() -> dict:
+    from ldm.data.shapes import SyntheticShapes
+
+    data = SyntheticShapes(size=64, length=2, seed=0)
+    return {"jpg": torch.stack([torch.from_numpy(data[i]["image"]) for i in range(2)]),
+            "txt": [data[i]["caption"] for i in range(2)]}
+
+
+def test_lightning_hooks_and_image_logs_come_with_the_lightning_module():
+    from ldm.lightning import as_lightning_module
+    from tests.model_factory import random_tiny_model
+
+    model = random_tiny_model()
+    hooks = ("training_step", "validation_step", "optimizer_step", "on_train_batch_start", "log_images")
+    assert not any(hasattr(model, hook) for hook in hooks), "the model itself is plain PyTorch"
+    model = as_lightning_module(model)
+    assert all(callable(getattr(model, hook)) for hook in hooks)
+    images = model.log_images(shapes_batch(), N=2, ddim_steps=2, unconditional_guidance_scale=3.0)
+    assert set(images) == {"inputs", "reconstruction", "conditioning", "diffusion_row", "samples",
+                           "samples_cfg_scale_3.00", "progressive_row"}
+    assert images["samples"].shape == images["inputs"].shape == (2, 3, 64, 64)
+
+
+def test_scale_by_std_sets_the_scale_factor_from_the_first_batch():
+    from ldm.lightning import as_lightning_module
+    from tests.model_factory import random_tiny_model, tiny_config
+
+    config = tiny_config()
+    config.model.params.scale_by_std = True
+    model = as_lightning_module(random_tiny_model(config=config))
+    batch = shapes_batch()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z = model.get_first_stage_encoding(model.encode_first_stage(batch["jpg"].permute(0, 3, 1, 2)))
+    torch.manual_seed(0)
+    model.on_train_batch_start(batch, 0)
+    torch.testing.assert_close(model.scale_factor, 1.0 / z.flatten().std(), rtol=1e-4, atol=0)
+    assert "scale_factor" in model.state_dict()
 
 
 @pytest.mark.slow
