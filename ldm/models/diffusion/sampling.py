@@ -25,7 +25,8 @@ def guided_denoiser(model: Any, conditioning: Any, unconditional_conditioning: A
                     guidance_scale: float = 1.0) -> Denoiser:
     """eps(x, t) of `model.apply_model`, with classifier-free guidance when a scale != 1 and `uc` are given.
 
-    The conditional and unconditional branches run as one batch of twice the size, [uc, c], as in the original.
+    The conditional and unconditional branches run as one batch of twice the size, [uc, c], as in the original,
+    marked `guided_pair` (the same x and t under both conditionings), which an accelerated UNet may exploit.
     """
     if unconditional_conditioning is None or guidance_scale == 1.0:
         return lambda x, t: model.apply_model(x, t, conditioning)
@@ -41,7 +42,8 @@ def guided_denoiser(model: Any, conditioning: Any, unconditional_conditioning: A
         c_in = torch.cat([unconditional_conditioning, conditioning])
 
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        eps_uncond, eps_cond = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), c_in).chunk(2)
+        both = model.apply_model(torch.cat([x, x]), torch.cat([t, t]), c_in, guided_pair=True)
+        eps_uncond, eps_cond = both.chunk(2)
         return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
     return denoise
