@@ -174,9 +174,9 @@ def no_weight_init() -> TorchFunctionMode:
     """A context in which modules are built with their weights on the meta device and without running their random
     initialisers: no memory is allocated or written for weights a checkpoint is about to replace. Load with
     `assign=True` (`load_state_dict_into` does so for such models); weights the checkpoint lacks are then given
-    real storage by `materialise_missing`. Buffers stay real (they are small and often computed, e.g. the noise
-    schedule). It changes nothing outside the thread that enters it: models built at the same time in other threads
-    are built as usual."""
+    real storage by `materialise_missing`. Tensors made from values stay real (buffers such as the noise schedule
+    are small and often computed). It changes nothing outside the thread that enters it: models built at the same
+    time in other threads are built as usual."""
     return _WeightsOnMeta()
 
 
