@@ -11,7 +11,6 @@ from ldm.accel.conv import FastConv2d
 from ldm.accel.cpu import cpu_inference
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.openaimodel import UNetModel, Upsample
-from ldm.modules.diffusionmodules.util import timestep_embedding
 
 
 class FastUpsample(Upsample):
@@ -38,22 +37,13 @@ class FastUNetModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 y: Optional[torch.Tensor] = None, guided_pair: bool = False, **kwargs) -> torch.Tensor:
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError("pass y exactly when the model is class-conditional")
         if guided_pair and self._shares_prefix(x, context):
             half = x.shape[0] // 2
             x, y = x[:half], None if y is None else y[:half]
             timesteps = timesteps if timesteps.ndim == 0 else timesteps[:half]
-        weight_dtype = self.time_embed[0].weight.dtype
-        t_emb = timestep_embedding(timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps,
-                                   self.model_channels).to(weight_dtype)
-        emb = self.time_embed(t_emb)
-        if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
-        h = x.to(weight_dtype) if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type) else x
+        emb = self.time_embedding(timesteps, x.shape[0], y)
+        h, context = self.inputs_in_weight_dtype(x, context)
         h = h.contiguous(memory_format=torch.channels_last)
-        if context is not None and context.dtype != h.dtype and not torch.is_autocast_enabled(x.device.type):
-            context = context.to(h.dtype)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)

@@ -241,6 +241,25 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(),
                                  zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
+    def time_embedding(self, timesteps: torch.Tensor, batch: int, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The MLP of the sinusoidal embedding of `timesteps` (one, or one per row of the batch), plus the class
+        embedding of `y` for a class-conditional model."""
+        if (y is not None) != (self.num_classes is not None):
+            raise ValueError("pass y exactly when the model is class-conditional")
+        weight_dtype = self.time_embed[0].weight.dtype
+        t_emb = timestep_embedding(timesteps.expand(batch) if timesteps.ndim == 0 else timesteps,
+                                   self.model_channels).to(weight_dtype)
+        emb = self.time_embed(t_emb)
+        return emb + self.label_emb(y) if self.num_classes is not None else emb
+
+    def inputs_in_weight_dtype(self, x: torch.Tensor, context: Optional[torch.Tensor]
+                               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`x` and `context` in the weights' dtype, unless autocast chooses the types."""
+        if torch.is_autocast_enabled(x.device.type):
+            return x, context
+        weight_dtype = self.time_embed[0].weight.dtype
+        return x.to(weight_dtype), None if context is None else context.to(weight_dtype)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
                 y: Optional[torch.Tensor] = None, guided_pair: bool = False, **kwargs) -> torch.Tensor:
         """Predict the noise in `x` at `timesteps` given the text `context` [B, tokens, context_dim].
@@ -248,17 +267,8 @@ class UNetModel(nn.Module):
         `guided_pair=True` says that the batch is a classifier-free guidance step's: the same latents, timesteps
         (and labels) twice, under the unconditional and the conditional context. The result is the same either
         way; an accelerated UNet (ldm.accel) may compute the layers before the first cross-attention once."""
-        if (y is not None) != (self.num_classes is not None):
-            raise ValueError("pass y exactly when the model is class-conditional")
-        weight_dtype = self.time_embed[0].weight.dtype
-        t_emb = timestep_embedding(timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps,
-                                   self.model_channels).to(weight_dtype)
-        emb = self.time_embed(t_emb)
-        if self.num_classes is not None:
-            emb = emb + self.label_emb(y)
-        h = x.to(weight_dtype) if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type) else x
-        if context is not None and context.dtype != h.dtype and not torch.is_autocast_enabled(x.device.type):
-            context = context.to(h.dtype)
+        emb = self.time_embedding(timesteps, x.shape[0], y)
+        h, context = self.inputs_in_weight_dtype(x, context)
         skips = []
         for module in self.input_blocks:
             h = module(h, emb, context)
