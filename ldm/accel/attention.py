@@ -89,13 +89,7 @@ class FastSpatialTransformer(SpatialTransformer):
     and spreads its residual over the contexts with its blocks (`FastBasicTransformerBlock`)."""
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x_in = x
-        x = self.proj_in(self.norm(x))
-        x = x.flatten(2).transpose(1, 2)
-        for block in self.transformer_blocks:
-            x = block(x, context=context)
-        x = x.transpose(1, 2).unflatten(2, (h, w))  # a channels-last view
-        if not x_in.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous()
-        return self.proj_out(x) + spread_rows(x_in, x.shape[0])
+        h = self.transformed(x, context)  # a channels-last view when x is channels-last
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous()
+        return self.proj_out(h) + spread_rows(x, h.shape[0])

@@ -67,16 +67,7 @@ class FastDecoder(Decoder):
     """`Decoder` on channels-last maps, whose last GroupNorm, swish and convolution run band by band."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z.contiguous(memory_format=torch.channels_last))
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        for i_level in reversed(range(self.num_resolutions)):
-            up = self.up[i_level]
-            for i_block, block in enumerate(up.block):
-                h = block(h)
-                if len(up.attn) > 0:
-                    h = up.attn[i_block](h)
-            if i_level != 0:
-                h = up.upsample(h)
+        h = self.features(z.contiguous(memory_format=torch.channels_last))
         if self.give_pre_end:
             return h.contiguous()
         h = norm_swish_conv(self.norm_out, self.conv_out, h).contiguous()

@@ -120,12 +120,14 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def transformed(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The blocks over the pixels of norm(x) projected in, as tokens; returned as a map again."""
         h, w = x.shape[-2:]
-        x_in = x
         x = self.proj_in(self.norm(x))
         x = x.flatten(2).transpose(1, 2)
         for block in self.transformer_blocks:
             x = block(x, context=context)
-        x = x.transpose(1, 2).unflatten(2, (h, w))
-        return self.proj_out(x) + x_in
+        return x.transpose(1, 2).unflatten(2, (h, w))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.proj_out(self.transformed(x, context)) + x

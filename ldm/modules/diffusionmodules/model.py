@@ -223,6 +223,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.features(z)
+        if self.give_pre_end:
+            return h
+        h = self.conv_out(nonlinearity(self.norm_out(h)))
+        return torch.tanh(h) if self.tanh_out else h
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """The full-resolution features before the output norm and convolution."""
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for i_level in reversed(range(self.num_resolutions)):
@@ -233,7 +241,4 @@ class Decoder(nn.Module):
                     h = up.attn[i_block](h)
             if i_level != 0:
                 h = up.upsample(h)
-        if self.give_pre_end:
-            return h
-        h = self.conv_out(nonlinearity(self.norm_out(h)))
-        return torch.tanh(h) if self.tanh_out else h
+        return h
