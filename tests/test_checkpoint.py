@@ -18,6 +18,7 @@ from ldm.checkpoint import load_model_from_config, no_weight_init, read_checkpoi
 from ldm.errors import CheckpointError, describe_pickle_refusal
 from ldm.util import instantiate_from_config
 from tests.model_factory import random_tiny_model, tiny_config
+from tests.pickles import RunsCode
 
 TEXT = "cond_stage_model.transformer."
 
@@ -115,14 +116,6 @@ def test_lightning_1x_callback_key_is_allowed(tmp_path, original_state, monkeypa
     assert "state_dict" in read_checkpoint(path)
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 class _UnknownClass:
     """A class no checkpoint loader knows: pickled by reference as tests.test_checkpoint._UnknownClass."""
 
@@ -137,7 +130,7 @@ def assert_clean_refusal(message: str, callable_name: str) -> None:
 def test_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _RunsCode(marker)}, path)
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": RunsCode(marker)}, path)
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(path)
     assert not marker.exists()
@@ -148,7 +141,7 @@ def test_legacy_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil-legacy.ckpt"
     with open(path, "wb") as handle:
-        pickle.dump({"state_dict": _RunsCode(marker)}, handle, protocol=2)
+        pickle.dump({"state_dict": RunsCode(marker)}, handle, protocol=2)
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(path)
     assert not marker.exists()
@@ -167,7 +160,7 @@ def test_pickle_protocol_4_is_refused_by_its_instruction(tmp_path):
     """torch's weights-only unpickler reads no protocol-4 framing; it reports the opcode's number (149)."""
     path = tmp_path / "protocol4.ckpt"
     with open(path, "wb") as handle:
-        pickle.dump({"state_dict": _RunsCode(tmp_path / "pwned")}, handle, protocol=4)
+        pickle.dump({"state_dict": RunsCode(tmp_path / "pwned")}, handle, protocol=4)
     with pytest.raises(CheckpointError) as info, pytest.warns(UserWarning, match="protocol 4"):
         read_checkpoint(path)
     message = str(info.value)

@@ -18,6 +18,7 @@ from ldm.modules.embedding_manager import (PROGRESSIVE_SCALE, EmbeddingManager, 
 from ldm.util import instantiate_from_config
 from tests.cli_support import load_script
 from tests.model_factory import random_tiny_model, tiny_config
+from tests.pickles import RunsCode
 
 WIDTH = 32  # the tiny CLIP's width
 
@@ -260,20 +261,12 @@ def test_attach_bad_files(tmp_path, kind, message):
     assert "\n" not in str(error.value)
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 class _UnknownClass:
     """A class no embedding loader knows: pickled by reference as tests.test_embedding_manager._UnknownClass."""
 
 
 @pytest.mark.parametrize("payload, callable_name", [
-    (_RunsCode, os.system.__module__ + ".system"), (lambda marker: _UnknownClass(), __name__ + "._UnknownClass")])
+    (RunsCode, os.system.__module__ + ".system"), (lambda marker: _UnknownClass(), __name__ + "._UnknownClass")])
 def test_embedding_that_asks_for_code_is_refused_in_words(tmp_path, payload, callable_name):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
