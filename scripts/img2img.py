@@ -4,8 +4,12 @@ and more.
 
     python scripts/img2img.py --prompt "A fantasy landscape, trending on artstation" --init-img sketch.jpg --strength 0.8
 
-The init image is encoded, noised to step int(strength * ddim_steps) of the DDIM schedule and denoised
-from there under the prompt (Meng et al. 2022, arXiv:2108.01073).
+The init image is encoded, noised to step int(strength * ddim_steps) of the sampler's schedule (a timestep
+for ddim, plms and dpm_solver, a sigma for the k-diffusion samplers) and denoised from there under the prompt
+(Meng et al. 2022, arXiv:2108.01073), with any sampler:
+
+    python scripts/img2img.py --init-img sketch.jpg --strength 0.6 --sampler dpmpp_2m --schedule karras --ddim_steps 25
+
 """
 from __future__ import annotations
 
@@ -51,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CliArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = OriginalDefaults(
         n_iter=1, n_samples=2, scale=5.0, outdir_help=f"dir to write results to (default: {DEFAULT_OUTDIR})",
-        help={"ddim_steps": "number of ddim sampling steps (default: %(default)s)",
-              "plms": "use plms sampling: not supported for img2img, as in the original (an error)",
+        help={"ddim_steps": "number of sampling steps of the full schedule, for every sampler; img2img runs "
+                            "int(strength * ddim_steps) of them (default: %(default)s)",
+              "plms": "use plms sampling (the original refused it for img2img)",
               "fixed_code": "if enabled, uses the same noise for the init image across iterations (the original "
                             "accepted this flag but ignored it)",
               "f": "downsampling factor, most often 8 or 16 (default: %(default)s)",
@@ -69,8 +74,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt = build_parser().parse_args(argv)
     resolve_model_paths(opt, DEFAULT_OUTDIR)
     opt.sampler = resolve_sampler(opt)
-    if opt.sampler != "ddim":
-        raise UserInputError(f"img2img supports only the DDIM sampler (as the original), not {opt.sampler}")
     if not opt.init_img:
         raise UserInputError("give the image to start from with --init-img PATH")
     check_common_arguments(opt)
@@ -103,11 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_fits_device(opt, geometry, height, width)
     session = open_session(opt, config)
     model, sampler, device = session.model, session.sampler, session.device
-    sampler.make_schedule(ddim_num_steps=opt.ddim_steps, ddim_eta=opt.ddim_eta, verbose=False)
     t_enc = int(opt.strength * opt.ddim_steps)
-    # strength 1.0 gives t_enc = ddim_steps, one past the schedule (the original crashed there): noise to its top.
-    encode_index = min(t_enc, len(sampler.ddim_timesteps) - 1)
+    # Strength 1.0 (t_enc = ddim_steps, where the original crashed) starts from pure noise; 0 keeps the init image.
     print(f"target t_enc is {t_enc} steps", flush=True)
+    sampler_options = {"eta": opt.ddim_eta} if opt.sampler == "ddim" else {}
     init_pixels = image_to_tensor(init_image).to(device)
 
     def encode(batch_size: int) -> torch.Tensor:
@@ -123,10 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             if opt.scale != 1.0:
                 uc = model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
             c = model.get_learned_conditioning(prompts)
-            t = torch.tensor([encode_index] * len(prompts), device=device)
-            z_enc = sampler.stochastic_encode(latent[:len(prompts)], t, noise=noise)
-            samples = sampler.decode(z_enc, c, t_enc, unconditional_guidance_scale=opt.scale,
-                                     unconditional_conditioning=uc)
+            samples = sampler.img2img(opt.ddim_steps, latent[:len(prompts)], opt.strength, c,
+                                      unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
+                                      noise=noise, **sampler_options)
             return to_unit_images(model.decode_first_stage(samples))
 
     # As in the original: seed, sample the init image's latent once, then draw the noise per batch.

@@ -141,7 +141,8 @@ def test_fixed_code_reuses_the_start_code_as_the_original(tmp, ckpt):
     assert parse_infotext(parameters(outdir / "samples" / "00000.png"))[2]["Fixed code"] == "True"
 
 
-@pytest.mark.parametrize("flags, label", [(["--plms"], "PLMS"), (["--sampler", "dpm_solver"], "DPM++ 2M")])
+@pytest.mark.parametrize("flags, label", [(["--plms"], "PLMS"), (["--sampler", "dpm_solver"], "DPM-Solver++ 2M"),
+                                          (["--sampler", "dpmpp_2m", "--schedule", "karras"], "DPM++ 2M Karras")])
 def test_every_sampler_renders(tmp, ckpt, flags, label):
     outdir = tmp / f"sampler-{label}"
     run = run_script("txt2img.py", *FAST, "--ckpt", ckpt, "--outdir", outdir, "--n_samples", "1", "--n_iter", "1",

@@ -10,7 +10,10 @@ from pathlib import Path
 from tests.model_factory import REPO_DIR
 
 SAMPLERS = ("ldm.models.diffusion.ddim", "ldm.models.diffusion.plms", "ldm.models.diffusion.sampling",
-            "ldm.models.diffusion.registry", "ldm.models.diffusion.dpm_solver")
+            "ldm.models.diffusion.registry", "ldm.models.diffusion.dpm_solver", "ldm.models.diffusion.k_sampler",
+            "ldm.models.diffusion.k_sampling", "ldm.models.diffusion.sigma_denoiser",
+            "ldm.models.diffusion.sigma_schedules", "ldm.models.diffusion.noise_samplers",
+            "ldm.models.diffusion.sampler_names")
 MODEL_LAYER = ("ldm.models", "ldm.modules")
 ABOVE_THE_MODEL = ("ldm.data", "ldm.training", "ldm.cli", "ldm.lightning", *SAMPLERS)
 HELPERS = ("ldm.util", "ldm.errors", "ldm.config_files", "ldm.safetensors_mmap", "ldm.schedule_buffers",

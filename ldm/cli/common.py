@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NoReturn, Optional, Sequence
 
 from ldm.errors import UserInputError
+from ldm.models.diffusion.sampler_names import K_SAMPLER_LABELS, SAMPLER_NAMES, SCHEDULES, takes_sigmas
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-SAMPLERS = ("ddim", "plms", "dpm_solver")
 PRECISIONS = ("autocast", "full", "bf16", "fp16")
 MAX_SEED = 2 ** 32 - 1
 SD_WEIGHTS_HINT = ("download sd-v1-4.ckpt from https://huggingface.co/CompVis/stable-diffusion-v-1-4-original "
@@ -174,7 +174,7 @@ def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: O
         ("--skip_grid", dict(action="store_true", help="do not save a grid, only individual samples. Helpful when "
                                                        "evaluating lots of samples")),
         ("--skip_save", dict(action="store_true", help="do not save individual samples. For speed measurements.")),
-        ("--ddim_steps", dict(type=positive_int, default=50, help="number of sampling steps (default: %(default)s)")),
+        ("--ddim_steps", dict(type=positive_int, default=50, help="number of sampling steps, for every sampler (default: %(default)s)")),
         ("--plms", dict(action="store_true", help="use PLMS sampling")),
         ("--fixed_code", dict(action="store_true", help="if enabled, uses the same starting code across samples")),
         ("--ddim_eta", dict(type=non_negative_float, default=0.0,
@@ -224,8 +224,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                             "instead of Stable Diffusion; --f, --C and the default --H/--W come from its config; it draws "
                             "coloured shapes, so the safety checker is skipped unless --require_safety_checker")
     group.add_argument("--dpm_solver", action="store_true", help="use the DPM-Solver++(2M) sampler (good at 15-25 steps)")
-    group.add_argument("--sampler", choices=SAMPLERS, default=None,
-                       help="sampler by name; the same as --plms / --dpm_solver, default ddim")
+    group.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, metavar="NAME",
+                       help="sampler by name: ddim (default), plms, dpm_solver (the same as --plms / --dpm_solver), "
+                            f"or a k-diffusion sampler: {', '.join(K_SAMPLER_LABELS)}; dpmpp_2m with --schedule "
+                            "karras (DPM++ 2M Karras) gives at 20 steps what ddim gives at 50")
+    group.add_argument("--schedule", choices=SCHEDULES, default="default",
+                       help="the noise levels of a k-diffusion sampler: the model's own (default), karras "
+                            "(Karras et al. 2022) or exponential")
     group.add_argument("--negative_prompt", type=str, default="",
                        help="text for the unconditional branch of classifier-free guidance (the original uses \"\")")
     group.add_argument("--device", type=str, default="auto",
@@ -281,8 +286,11 @@ def check_common_arguments(opt: argparse.Namespace) -> None:
     if opt.seed_per_sample and opt.fixed_code:
         raise UserInputError("--seed_per_sample gives every sample its own start code; it cannot be combined "
                              "with --fixed_code")
+    if opt.schedule != "default" and not takes_sigmas(opt.sampler):
+        raise UserInputError(f"--schedule {opt.schedule} applies to the k-diffusion samplers, which run on noise "
+                             f"levels; {opt.sampler} runs on the model's timesteps (try --sampler dpmpp_2m)")
     if opt.sampler != "ddim" and opt.ddim_eta != 0:
-        raise UserInputError(f"--ddim_eta applies to DDIM only; {opt.sampler} is deterministic (leave eta at 0)")
+        raise UserInputError(f"--ddim_eta applies to DDIM only; leave it at 0 with {opt.sampler}")
     if opt.no_safety_checker and opt.require_safety_checker:
         raise UserInputError("--no_safety_checker and --require_safety_checker contradict each other")
     for path in opt.embedding_path or ():

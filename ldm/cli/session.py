@@ -25,11 +25,10 @@ from ldm.cli.safety import SafetyChecker
 from ldm.cli.watermark import Watermarker
 from ldm.cli.writer import ImageWriter
 from ldm.models.diffusion.registry import make_sampler
+from ldm.models.diffusion.sampler_names import sampler_label
 from ldm.models.offload import enable_offload
 
 logger = logging.getLogger(__name__)
-
-SAMPLER_LABELS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM++ 2M"}
 
 
 @dataclass
@@ -51,7 +50,8 @@ class Session:
         """The `parameters` fields of one sample (web-UI names first, then this project's)."""
         opt = self.opt
         fields: dict[str, Any] = {
-            "Steps": opt.ddim_steps, "Sampler": SAMPLER_LABELS[opt.sampler], "CFG scale": opt.scale, "Seed": seed,
+            "Steps": opt.ddim_steps, "Sampler": sampler_label(opt.sampler, opt.schedule), "CFG scale": opt.scale,
+            "Seed": seed,
             "Size": f"{size[0]}x{size[1]}", "Model hash": self.checkpoint_hash.short(),
             "Model": Path(opt.ckpt).stem,
         }
@@ -104,6 +104,7 @@ def open_session(opt: argparse.Namespace, config: Mapping[str, Any]) -> Session:
                          safety=safety if safety is not None and safety.available else None,
                          watermark=watermark)
     writer.prepare()
-    logger.info("sampling on %s (%s precision) with %s", device, opt.precision, SAMPLER_LABELS[opt.sampler])
-    return Session(opt=opt, model=model, sampler=make_sampler(opt.sampler, model), device=device, writer=writer,
-                   checkpoint_hash=checkpoint_hash)
+    logger.info("sampling on %s (%s precision) with %s", device, opt.precision,
+                sampler_label(opt.sampler, opt.schedule))
+    return Session(opt=opt, model=model, sampler=make_sampler(opt.sampler, model, opt.schedule), device=device,
+                   writer=writer, checkpoint_hash=checkpoint_hash)

@@ -65,3 +65,29 @@ class DPMSolverSampler:
         samples, intermediates = sample_loop(step, x, timesteps, desc="DPM-Solver++ Sampler", verbose=verbose,
                                              callback=callback, img_callback=img_callback, log_every_t=log_every_t)
         return samples.to(x.dtype), intermediates
+
+    @torch.no_grad()
+    def img2img(self, S: int, init_latent: torch.Tensor, strength: float, conditioning: Any,
+                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
+                noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                verbose: bool = True, callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022): the init latent noised by q(x_t | x_0) to the first of the last
+        int(strength * S) of the S solver timesteps, then those steps. Strength 1 starts from pure noise (the
+        start of `sample` with x_T = noise); strength 0 returns the init latent."""
+        timesteps = dpm_solver_timesteps(S, self.model.num_timesteps)
+        steps = int(strength * S)
+        if steps == 0:
+            return init_latent
+        timesteps = timesteps[S - steps:]
+        if noise is None:
+            noise = torch.randn(init_latent.shape, device=init_latent.device, dtype=init_latent.dtype,
+                                generator=generator)
+        if steps == S:
+            x = noise
+        else:
+            t = torch.full((init_latent.shape[0],), int(timesteps[0]), device=init_latent.device, dtype=torch.long)
+            x = self.model.q_sample(init_latent, t, noise=noise)
+        denoise = guided_denoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
+        step = dpm_solver_pp_2m_step(denoise, timesteps, self.model.alphas_cumprod)
+        samples, _ = sample_loop(step, x, timesteps, desc="DPM-Solver++ Sampler", verbose=verbose, callback=callback)
+        return samples.to(x.dtype)
