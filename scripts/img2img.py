@@ -47,7 +47,8 @@ def _add_init_img_argument(parser: argparse.ArgumentParser) -> None:
 def _add_strength_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strength", type=unit_float, default=0.75,
                         help="strength for noising/unnoising. 1.0 corresponds to full destruction of information "
-                             "in init image (default: %(default)s)")
+                             "in init image (the sampler starts from pure noise); 0.0 runs no step and returns the "
+                             "init image as the autoencoder reproduces it (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

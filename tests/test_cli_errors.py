@@ -102,7 +102,8 @@ IMG2IMG_CASES = {
     "missing init image": ([*IMG2IMG, "--init-img", "nowhere.png"], "init image not found"),
     "corrupt init image": ([*IMG2IMG, "--init-img", "corrupt.png"], "cannot read init image"),
     "empty init image": ([*IMG2IMG, "--init-img", "tiny.png"], "cannot read init image"),
-    "plms": ([*IMG2IMG, "--init-img", "init.png", "--plms"], "only the DDIM sampler"),
+    "schedule with plms": ([*IMG2IMG, "--init-img", "init.png", "--plms", "--schedule", "karras"],
+                           "--schedule karras applies only to the k-diffusion samplers"),
     "missing checkpoint": (["--init-img", "init.png", "--config", TINY_SD_CONFIG], "checkpoint not found"),
 }
 

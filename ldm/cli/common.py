@@ -174,11 +174,15 @@ def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: O
         ("--skip_grid", dict(action="store_true", help="do not save a grid, only individual samples. Helpful when "
                                                        "evaluating lots of samples")),
         ("--skip_save", dict(action="store_true", help="do not save individual samples. For speed measurements.")),
-        ("--ddim_steps", dict(type=positive_int, default=50, help="number of sampling steps, for every sampler (default: %(default)s)")),
+        ("--ddim_steps", dict(type=positive_int, default=50,
+                              help="number of sampling steps, for every sampler (heun, dpm_2, dpm_2_ancestral, "
+                                   "dpmpp_2s_ancestral and dpmpp_sde call the model twice per step) "
+                                   "(default: %(default)s)")),
         ("--plms", dict(action="store_true", help="use PLMS sampling")),
         ("--fixed_code", dict(action="store_true", help="if enabled, uses the same starting code across samples")),
         ("--ddim_eta", dict(type=non_negative_float, default=0.0,
-                            help="ddim eta (eta=0.0 corresponds to deterministic sampling) (default: %(default)s)")),
+                            help="ddim eta (eta=0.0 corresponds to deterministic sampling); DDIM only, an error "
+                                 "with the other samplers (default: %(default)s)")),
         ("--n_iter", dict(type=positive_int, default=defaults.n_iter,
                           help="sample this often (default: %(default)s)")),
         ("--C", dict(type=positive_int, default=4, help="latent channels (default: %(default)s)")),
@@ -223,14 +227,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use the small demo model that ships in models/demo (config.yaml, model.safetensors) "
                             "instead of Stable Diffusion; --f, --C and the default --H/--W come from its config; it draws "
                             "coloured shapes, so the safety checker is skipped unless --require_safety_checker")
-    group.add_argument("--dpm_solver", action="store_true", help="use the DPM-Solver++(2M) sampler (good at 15-25 steps)")
+    group.add_argument("--dpm_solver", action="store_true",
+                       help="use the DPM-Solver++(2M) sampler on the model's timesteps (good at 15-25 steps; "
+                            "not the same as --sampler dpmpp_2m, which steps through noise levels)")
     group.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, metavar="NAME",
                        help="sampler by name: ddim (default), plms, dpm_solver (the same as --plms / --dpm_solver), "
-                            f"or a k-diffusion sampler: {', '.join(K_SAMPLER_LABELS)}; dpmpp_2m with --schedule "
-                            "karras (DPM++ 2M Karras) gives at 20 steps what ddim gives at 50")
+                            f"or a k-diffusion sampler: {', '.join(K_SAMPLER_LABELS)}; the *_ancestral and *_sde "
+                            "ones add noise at every step, drawn from --seed. The PNG names it as the web UIs do "
+                            "(DDIM, Euler a, DPM++ 2M Karras). Steps and quality: docs/samplers.md")
     group.add_argument("--schedule", choices=SCHEDULES, default="default",
                        help="the noise levels of a k-diffusion sampler: the model's own (default), karras "
-                            "(Karras et al. 2022) or exponential")
+                            "(Karras et al. 2022) or exponential (evenly spaced in log sigma); an error with ddim, "
+                            "plms and dpm_solver, which run on the model's timesteps")
     group.add_argument("--negative_prompt", type=str, default="",
                        help="text for the unconditional branch of classifier-free guidance (the original uses \"\")")
     group.add_argument("--device", type=str, default="auto",
@@ -271,14 +279,27 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                             "holds at this --n_samples, estimated from the model's widths and checked before the "
                             "model loads; give a number to go past (or below) the estimate")
 
+
 def resolve_sampler(opt: argparse.Namespace) -> str:
     """The sampler the flags ask for; contradicting flags are an error."""
-    asked = {name for name, flag in (("plms", opt.plms), ("dpm_solver", opt.dpm_solver)) if flag}
+    asked: dict[str, str] = {}  # sampler -> the flag that asks for it
+    for name, flag in (("plms", opt.plms), ("dpm_solver", opt.dpm_solver)):
+        if flag:
+            asked[name] = f"--{name}"
     if opt.sampler is not None:
-        asked.add(opt.sampler)
+        asked.setdefault(opt.sampler, f"--sampler {opt.sampler}")
     if len(asked) > 1:
-        raise UserInputError(f"choose one sampler, got {' and '.join(sorted(asked))}")
-    return asked.pop() if asked else "ddim"
+        raise UserInputError(f"choose one sampler: {' and '.join(asked.values())} ask for different ones; "
+                             "give only one of them (--sampler NAME names any sampler)")
+    return next(iter(asked), "ddim")
+
+
+def _sampler_flag(opt: argparse.Namespace) -> Optional[str]:
+    """The flag that chose the (resolved) sampler: --plms, --dpm_solver or --sampler NAME; None for ddim."""
+    for name in ("plms", "dpm_solver"):
+        if getattr(opt, name):
+            return f"--{name}"
+    return None if opt.sampler == "ddim" else f"--sampler {opt.sampler}"
 
 
 def check_common_arguments(opt: argparse.Namespace) -> None:
@@ -286,11 +307,15 @@ def check_common_arguments(opt: argparse.Namespace) -> None:
     if opt.seed_per_sample and opt.fixed_code:
         raise UserInputError("--seed_per_sample gives every sample its own start code; it cannot be combined "
                              "with --fixed_code")
+    flag = _sampler_flag(opt)
     if opt.schedule != "default" and not takes_sigmas(opt.sampler):
-        raise UserInputError(f"--schedule {opt.schedule} applies to the k-diffusion samplers, which run on noise "
-                             f"levels; {opt.sampler} runs on the model's timesteps (try --sampler dpmpp_2m)")
+        instead = f" in place of {flag}" if flag else ""
+        raise UserInputError(f"--schedule {opt.schedule} applies only to the k-diffusion samplers, which run on "
+                             f"noise levels; {opt.sampler} runs on the model's timesteps: drop --schedule, or choose "
+                             f"a k-diffusion sampler{instead}, e.g. --sampler dpmpp_2m --schedule {opt.schedule}")
     if opt.sampler != "ddim" and opt.ddim_eta != 0:
-        raise UserInputError(f"--ddim_eta applies to DDIM only; leave it at 0 with {opt.sampler}")
+        raise UserInputError(f"--ddim_eta applies to DDIM only, not to {opt.sampler}: leave --ddim_eta at 0, or "
+                             f"drop {flag} to sample with DDIM (the default)")
     if opt.no_safety_checker and opt.require_safety_checker:
         raise UserInputError("--no_safety_checker and --require_safety_checker contradict each other")
     for path in opt.embedding_path or ():
