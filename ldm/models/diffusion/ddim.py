@@ -221,8 +221,8 @@ class DDIMSampler:
                 eta: float = 0.0) -> torch.Tensor:
         """SDEdit (Meng et al. 2022) as the original img2img: the init latent noised to the t_enc-th of S DDIM
         steps, t_enc = int(strength * S), then t_enc steps of this sampler (`stochastic_encode`, then the loop of
-        `decode`). Strength 1 starts from pure noise (the start of `sample` with x_T = noise); strength 0 returns
-        the init latent."""
+        `decode`). Strength 1 is `sample` from x_T = noise (all the schedule's steps, from pure noise); strength 0
+        returns the init latent."""
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
         t_enc = int(strength * S)
         if t_enc == 0:
@@ -230,10 +230,11 @@ class DDIMSampler:
         if t_enc == S:
             x = noise if noise is not None else torch.randn(init_latent.shape, device=init_latent.device,
                                                             dtype=init_latent.dtype, generator=generator)
+            time_range = np.flip(self.ddim_timesteps)
         else:
             t = torch.full((init_latent.shape[0],), t_enc, device=init_latent.device, dtype=torch.long)
             x = self.stochastic_encode(init_latent, t, noise=noise, generator=generator)
-        time_range = np.flip(self.ddim_timesteps[:t_enc])
+            time_range = np.flip(self.ddim_timesteps[:t_enc])
         denoise = self._denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale, None, None)
         step = self._make_step(denoise, time_range, StepOptions(generator=generator))
         samples, _ = sample_loop(step, x, time_range, desc=self.progress_label, verbose=verbose, callback=callback)
