@@ -91,7 +91,7 @@ def diffusers_run(scheduler_class, config, model, network, karras: bool) -> tupl
     sigma_max = scheduler.sigmas.max()
     x = start_noise() * sigma_max
     if scheduler_class is diffusers.DPMSolverMultistepScheduler:
-        x = x / (sigma_max ** 2 + 1).sqrt()  # it works on the variance-preserving x_t; sigma space is x_t * sqrt(sigma^2 + 1)
+        x = x / (sigma_max ** 2 + 1).sqrt()  # it works on the variance-preserving x_t = x / sqrt(sigma^2 + 1)
     with torch.no_grad():
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(x, t)

@@ -219,7 +219,7 @@ def dpm_solver_pp_2m_step(denoiser: Denoiser, timesteps: Sequence[int], alphas_c
     lambda_t = log(alpha_t / sigma_t); the first step and the last (to sigma = 0) are first order.
     The step keeps the previous x_0 and step size, so it serves one run.
     """
-    alphas_cumprod = alphas_cumprod.to(torch.float64)
+    alphas_cumprod = alphas_cumprod.to("cpu", torch.float64)  # scalars of the schedule; no float64 on MPS
     alpha = alphas_cumprod.sqrt()
     sigma = (1.0 - alphas_cumprod).sqrt()
     lam = torch.log(alpha / sigma)

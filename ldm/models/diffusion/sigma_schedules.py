@@ -59,7 +59,8 @@ def default_sigmas(n: int, log_sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = KARRAS_RHO) -> torch.Tensor:
-    """Karras et al. 2022, eq. 5: n sigmas (computed on the CPU in float64, returned in float32) from sigma_max to sigma_min, evenly spaced in sigma^(1/rho), then 0."""
+    """Karras et al. 2022, eq. 5: n sigmas from sigma_max to sigma_min, evenly spaced in sigma^(1/rho), then 0
+    (computed on the CPU in float64, returned in float32)."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return _append_zero(((max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho).to(torch.float32))
