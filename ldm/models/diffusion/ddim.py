@@ -218,11 +218,13 @@ class DDIMSampler:
                 unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
                 noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
                 verbose: bool = True, callback: Optional[Callable[[int], None]] = None,
-                eta: float = 0.0) -> torch.Tensor:
+                eta: float = 0.0, mask: Optional[torch.Tensor] = None,
+                x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SDEdit (Meng et al. 2022) as the original img2img: the init latent noised to the t_enc-th of S DDIM
         steps, t_enc = int(strength * S), then t_enc steps of this sampler (`stochastic_encode`, then the loop of
         `decode`). Strength 1 is `sample` from x_T = noise (all the schedule's steps, from pure noise); strength 0
-        returns the init latent."""
+        returns the init latent. `mask`/`x0` keep x0, noised to each step, where mask is 1 (as `sample`)."""
+        check_sampler_options(mask=mask, x0=x0)
         self.make_schedule(ddim_num_steps=S, ddim_eta=eta, verbose=False)
         t_enc = int(strength * S)
         if t_enc == 0:
@@ -237,6 +239,8 @@ class DDIMSampler:
             time_range = np.flip(self.ddim_timesteps[:t_enc])
         denoise = self._denoiser(conditioning, unconditional_conditioning, unconditional_guidance_scale, None, None)
         step = self._make_step(denoise, time_range, StepOptions(generator=generator))
+        if mask is not None:
+            step = keep_known_region(step, x0, mask, self.model.q_sample, generator)
         samples, _ = sample_loop(step, x, time_range, desc=self.progress_label, verbose=verbose, callback=callback)
         return samples
 

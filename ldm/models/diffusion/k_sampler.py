@@ -142,10 +142,13 @@ class KDiffusionSampler:
     def img2img(self, S: int, init_latent: torch.Tensor, strength: float, conditioning: Any,
                 unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
                 noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                verbose: bool = True, callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                verbose: bool = True, callback: Optional[Callable[[int], None]] = None,
+                mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SDEdit (Meng et al. 2022) in sigma space: the last int(strength * S) of the S steps, from the init
         latent noised to their first sigma, x = x_0 + sigma noise. Strength 1 starts from pure noise (the same
-        start as `sample` with x_T = noise); strength 0 returns the init latent."""
+        start as `sample` with x_T = noise); strength 0 returns the init latent. `mask`/`x0` keep x0 where mask
+        is 1 (as `sample`)."""
+        check_sampler_options(mask=mask, x0=x0)
         steps = int(strength * S)
         if steps == 0:
             return init_latent
@@ -155,7 +158,7 @@ class KDiffusionSampler:
                                 generator=generator)
         x = noise * sigmas[0] if steps == S else init_latent + noise * sigmas[0]
         samples, _ = self._run(x, sigmas, conditioning, unconditional_conditioning, unconditional_guidance_scale,
-                               callback=callback, verbose=verbose, generator=generator)
+                               mask=mask, x0=x0, callback=callback, verbose=verbose, generator=generator)
         return samples
 
     def _run(self, x: torch.Tensor, sigmas: torch.Tensor, conditioning: Any, unconditional_conditioning: Any,

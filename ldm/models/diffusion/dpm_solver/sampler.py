@@ -70,10 +70,13 @@ class DPMSolverSampler:
     def img2img(self, S: int, init_latent: torch.Tensor, strength: float, conditioning: Any,
                 unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Any = None,
                 noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-                verbose: bool = True, callback: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                verbose: bool = True, callback: Optional[Callable[[int], None]] = None,
+                mask: Optional[torch.Tensor] = None, x0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SDEdit (Meng et al. 2022): the init latent noised by q(x_t | x_0) to the first of the last
         int(strength * S) of the S solver timesteps, then those steps. Strength 1 starts from pure noise (the
-        start of `sample` with x_T = noise); strength 0 returns the init latent."""
+        start of `sample` with x_T = noise); strength 0 returns the init latent. `mask`/`x0` keep x0, noised to
+        each step, where mask is 1 (as `sample`)."""
+        check_sampler_options(mask=mask, x0=x0)
         timesteps = dpm_solver_timesteps(S, self.model.num_timesteps)
         steps = int(strength * S)
         if steps == 0:
@@ -89,5 +92,7 @@ class DPMSolverSampler:
             x = self.model.q_sample(init_latent, t, noise=noise)
         denoise = guided_denoiser(self.model, conditioning, unconditional_conditioning, unconditional_guidance_scale)
         step = dpm_solver_pp_2m_step(denoise, timesteps, self.model.alphas_cumprod)
+        if mask is not None:
+            step = keep_known_region(step, x0, mask, self.model.q_sample, generator)
         samples, _ = sample_loop(step, x, timesteps, desc="DPM-Solver++ Sampler", verbose=verbose, callback=callback)
         return samples.to(x.dtype)
