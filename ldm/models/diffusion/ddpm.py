@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models.autoencoder import VQModelInterface
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
@@ -378,11 +379,16 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
                            force_not_quantize: bool = False) -> torch.Tensor:
-        """Image in [-1, 1] from a scaled latent."""
-        return self.differentiable_decode_first_stage(z)
+        """Image in [-1, 1] from a scaled latent; a VQ first stage quantises it first unless `force_not_quantize`."""
+        return self.differentiable_decode_first_stage(z, predict_cids=predict_cids,
+                                                      force_not_quantize=force_not_quantize)
 
     def differentiable_decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
                                           force_not_quantize: bool = False) -> torch.Tensor:
+        if predict_cids:
+            raise ValueError("predict_cids (latents given as codebook logits) is not supported")
+        if isinstance(self.first_stage_model, VQModelInterface):
+            return self.first_stage_model.decode(z / self.scale_factor, force_not_quantize=force_not_quantize)
         return self.first_stage_model.decode(z / self.scale_factor)
 
     @torch.no_grad()

@@ -92,3 +92,9 @@ class LPIPSWithDiscriminator(nn.Module):
                       f"{split}/kl_loss": kl_loss.detach().mean(), f"{split}/nll_loss": nll_loss.detach().mean(),
                       f"{split}/rec_loss": rec_loss.detach().mean(), f"{split}/d_weight": d_weight.detach(),
                       f"{split}/disc_factor": torch.tensor(disc_factor), f"{split}/g_loss": g_loss.detach().mean()}
+
+
+class DummyLoss(nn.Module):
+    """A loss with no parameters, for autoencoders used only for inference (taming-transformers' `DummyLoss`,
+    which the original reached as `ldm.modules.losses.contperceptual.DummyLoss` through a star import; the LDM
+    inpainting config names it there)."""
