@@ -81,6 +81,29 @@ def save_numbered(image: Image.Image, directory: str | os.PathLike, name_format:
         temporary.unlink(missing_ok=True)
 
 
+def save_new(image: Image.Image, path: str | os.PathLike, pnginfo: Optional[PngInfo] = None) -> Path:
+    """Save `image` as the PNG `path`, which must not exist yet: written under a temporary name, then linked (or,
+    without hard links, moved onto a name reserved with O_EXCL) into place. Raises FileExistsError, leaving the
+    existing file untouched, if the name is taken, even by a file that appeared while this one was written."""
+    path = Path(path)
+    handle, temporary_name = tempfile.mkstemp(prefix=".partial-", suffix=".png", dir=path.parent)
+    temporary = Path(temporary_name)
+    try:
+        os.chmod(temporary, _file_mode())
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format="PNG", pnginfo=pnginfo)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise
+        except OSError:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.replace(temporary, path)
+        return path
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def describe_numbered(names: Iterable[str], pattern: re.Pattern = SAMPLE_PATTERN) -> str:
     """Numbered file names as runs of consecutive numbers, in order: "00003-00005.png, 00008.png"."""
     numbered = sorted((int(match.group(1)), match.group(1), match.group(0)) for match in map(pattern.match, names))

@@ -1,6 +1,7 @@
 """The denoising UNet of latent diffusion (Rombach et al. 2022), built on the ADM UNet of
 Dhariwal & Nichol 2021 with a `SpatialTransformer` (cross-attention on the text) at the
-resolutions named by `attention_resolutions`.
+resolutions named by `attention_resolutions`, or, for models without cross-attention (the LDM
+inpainting model, conditioned by concatenation), ADM's multi-head self-attention `AttentionBlock`.
 """
 from __future__ import annotations
 
@@ -86,6 +87,71 @@ class Downsample(nn.Module):
         return self.op(x)
 
 
+class QKVAttentionLegacy(nn.Module):
+    """Multi-head attention over [B, heads*3*ch, T] with the heads split before q, k and v (ADM's legacy order)."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        batch, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = qkv.reshape(batch * self.n_heads, 3 * ch, length).split(ch, dim=1)
+        return _attend(q, k, v).reshape(batch, -1, length)
+
+
+class QKVAttention(nn.Module):
+    """Multi-head attention over [B, 3*heads*ch, T] with q, k and v split before the heads."""
+
+    def __init__(self, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+
+    def forward(self, qkv: torch.Tensor) -> torch.Tensor:
+        batch, width, length = qkv.shape
+        ch = width // (3 * self.n_heads)
+        q, k, v = (part.reshape(batch * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
+        return _attend(q, k, v).reshape(batch, -1, length)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q^T k / sqrt(ch)) applied to v, for [N, ch, T] tensors; returns [N, ch, T]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention between the positions of a feature map (Ho et al. 2020; Dhariwal & Nichol 2021), with
+    `num_heads` heads or heads of `num_head_channels` channels; the original's names and state-dict keys
+    (`norm`, `qkv`, `proj_out`)."""
+
+    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, use_checkpoint: bool = False,
+                 use_new_attention_order: bool = False):
+        super().__init__()
+        self.channels = channels
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"{channels} channels are not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.attention = QKVAttention(self.num_heads) if use_new_attention_order else QKVAttentionLegacy(self.num_heads)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._forward, (x,), self.parameters(), self.use_checkpoint)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, *spatial = x.shape
+        x = x.reshape(batch, channels, -1)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
+        return (x + h).reshape(batch, channels, *spatial)
+
+
 class ResBlock(TimestepBlock):
     """Residual block conditioned on the timestep embedding (added, or as scale and shift)."""
 
@@ -156,14 +222,16 @@ class UNetModel(nn.Module):
                  transformer_depth: int = 1, context_dim: Optional[int] = None, n_embed: Optional[int] = None,
                  legacy: bool = True):
         super().__init__()
-        if not use_spatial_transformer:
-            raise ValueError("this UNetModel implements the text-conditioned models: set use_spatial_transformer: True")
-        if context_dim is None:
+        if use_spatial_transformer and context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (768 for Stable Diffusion v1)")
+        if context_dim is not None and not use_spatial_transformer:
+            raise ValueError("context_dim (cross-attention) needs use_spatial_transformer: True")
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels")
         if n_embed is not None:
             raise ValueError("n_embed (codebook prediction) is not supported")
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
         if hasattr(context_dim, "__iter__"):
             context_dim = list(context_dim)[0]
         self.image_size = image_size
@@ -180,6 +248,7 @@ class UNetModel(nn.Module):
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.num_heads = num_heads
         self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
         self.predict_codebook_ids = False
 
         time_embed_dim = model_channels * 4
@@ -198,6 +267,20 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, context_dim=context_dim,
                                       use_checkpoint=use_checkpoint)
 
+        def attention(ch: int, upsampling: bool = False) -> nn.Module:
+            """The attention layer at `ch` channels: cross-attention, or self-attention with the original's head
+            count (`num_heads_upsample` in the output blocks of legacy models)."""
+            if use_spatial_transformer:
+                return transformer(ch)
+            if num_head_channels != -1:
+                heads = ch // num_head_channels
+            elif legacy:
+                heads = num_heads_upsample if upsampling else num_heads
+            else:
+                heads = ch // (ch // num_heads)
+            return AttentionBlock(ch, num_heads=heads, use_checkpoint=use_checkpoint,
+                                  use_new_attention_order=use_new_attention_order)
+
         def resblock(ch: int, out: int, **kwargs) -> ResBlock:
             return ResBlock(ch, time_embed_dim, dropout, out_channels=out, dims=dims, use_checkpoint=use_checkpoint,
                             use_scale_shift_norm=use_scale_shift_norm, **kwargs)
@@ -212,7 +295,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [resblock(ch, mult * model_channels)]
                 ch = mult * model_channels
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(attention(ch))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 input_block_chans.append(ch)
             if level != len(channel_mult) - 1:
@@ -222,7 +305,7 @@ class UNetModel(nn.Module):
                 input_block_chans.append(ch)
                 ds *= 2
 
-        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), transformer(ch), resblock(ch, ch))
+        self.middle_block = TimestepEmbedSequential(resblock(ch, ch), attention(ch), resblock(ch, ch))
 
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
@@ -231,7 +314,7 @@ class UNetModel(nn.Module):
                 layers = [resblock(ch + skip_ch, model_channels * mult)]
                 ch = model_channels * mult
                 if ds in attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(attention(ch, upsampling=True))
                 if level and i == num_res_blocks:
                     layers.append(resblock(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample,
                                                                                           dims=dims, out_channels=ch))
