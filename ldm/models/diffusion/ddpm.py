@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.inpainting_checkpoint import EMA_INPUT_CONV_KEY, INPUT_CONV_KEY
 from ldm.models.autoencoder import VQModelInterface
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, noise_like
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
@@ -499,6 +500,130 @@ class LatentDiffusion(DDPM):
                                  lr=self.model_lr)
 
 
+class LatentInpaintDiffusion(LatentDiffusion):
+    """Latent diffusion for inpainting: the UNet also sees the mask and the masked image (conditioning_key "hybrid").
+
+    The class of Stable Diffusion's inpainting checkpoints (RunwayML's sd-v1-5-inpainting, Stability's SD 2
+    `ldm.models.diffusion.ddpm.LatentInpaintDiffusion`): the UNet's input is cat([z_t (4), mask at latent size (1),
+    latent of the masked image (4)]) along channels (in_channels 9, the order of `concat_keys`), with the prompt's
+    CLIP context through cross-attention. The mask is 1 where the image is to be repainted; the masked image is
+    image * (mask < 0.5), in [-1, 1], so the repainted region is 0 (grey).
+
+    Training starts from a text-to-image checkpoint (`ckpt_path`): tensors named in `finetune_keys` whose input
+    channels are fewer than the model's keep their first `keep_finetune_dims` channels (those of z_t) and the
+    extra ones start at zero, so the model begins as the text-to-image model (as the released checkpoints were made).
+    The original requires `ckpt_path` whenever `finetune_keys` is set; here `finetune_keys` only act on a
+    checkpoint given by `ckpt_path`, so RunwayML's v1 inference config (which leaves them at their default) builds.
+    """
+
+    def __init__(self, concat_keys: Sequence[str] = ("mask", "masked_image"), masked_image_key: str = "masked_image",
+                 finetune_keys: Optional[Sequence[str]] = (INPUT_CONV_KEY, EMA_INPUT_CONV_KEY),
+                 keep_finetune_dims: int = 4, c_concat_log_start: Optional[int] = None,
+                 c_concat_log_end: Optional[int] = None, *args, **kwargs):
+        if masked_image_key not in concat_keys:
+            raise ValueError(f"masked_image_key {masked_image_key!r} must be one of concat_keys {list(concat_keys)}")
+        if kwargs.get("cond_stage_trainable", False):
+            raise ValueError("LatentInpaintDiffusion encodes prompts without gradients (as the original): set "
+                             "cond_stage_trainable: false")
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        ignore_keys = kwargs.pop("ignore_keys", [])
+        super().__init__(*args, **kwargs)
+        self.concat_keys = tuple(concat_keys)
+        self.masked_image_key = masked_image_key
+        self.finetune_keys = tuple(finetune_keys) if finetune_keys is not None else None
+        self.keep_dims = keep_finetune_dims
+        self.c_concat_log_start = c_concat_log_start
+        self.c_concat_log_end = c_concat_log_end
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys)
+            self.restarted_from_ckpt = True
+
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        """Load `path`, widening a text-to-image checkpoint's `finetune_keys` tensors to the model's input channels:
+        the first `keep_finetune_dims` channels are the checkpoint's, the others zero (the original's
+        `LatentFinetuneDiffusion.init_from_ckpt`). Without EMA tensors in the checkpoint, the EMA starts from the
+        loaded weights."""
+        from ldm.checkpoint import load_state_dict_into, read_state_dict
+
+        state_dict = read_state_dict(path)
+        state_dict = {k: v for k, v in state_dict.items() if not any(k.startswith(p) for p in ignore_keys)}
+        own = self.state_dict()
+        for key in self.finetune_keys or ():
+            if key in state_dict and key in own:
+                state_dict[key] = self._widened(key, state_dict[key], own[key].shape)
+        target = self.model if only_model else self
+        missing, _ = load_state_dict_into(target, state_dict, strip_prefix="model." if only_model else "")
+        if self.use_ema and not only_model and any(key.startswith("model_ema.") for key in missing):
+            logger.info("%s has no EMA weights: the EMA starts from the loaded weights", path)
+            self.model_ema = LitEma(self.model)
+
+    def _widened(self, key: str, tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        if tuple(tensor.shape) == tuple(shape):
+            return tensor
+        if (tensor.ndim != len(shape) or tensor.shape[0] != shape[0] or tuple(tensor.shape[2:]) != tuple(shape[2:])
+                or tensor.shape[1] < self.keep_dims or tensor.shape[1] > shape[1]):
+            return tensor  # not a narrower input convolution: the loader reports the mismatch
+        logger.info("%s: keeping the checkpoint's first %d of %d input channels, the other %d start at zero", key,
+                    self.keep_dims, shape[1], shape[1] - self.keep_dims)
+        widened = torch.zeros(tuple(shape), dtype=tensor.dtype)
+        widened[:, :self.keep_dims] = tensor[:, :self.keep_dims]
+        return widened
+
+    def _c_concat(self, masks: Mapping[str, torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
+        """cat over `concat_keys`: the masked image's latent as it is, the other inputs (the mask) resized to the
+        latent grid by nearest-neighbour interpolation (`F.interpolate`'s default, as in the original and diffusers)."""
+        return torch.cat([latent if key == self.masked_image_key
+                          else F.interpolate(masks[key].to(latent.dtype), size=latent.shape[-2:])
+                          for key in self.concat_keys], dim=1)
+
+    @torch.no_grad()
+    def inpainting_concat(self, image: torch.Tensor, mask: torch.Tensor, generator: Optional[torch.Generator] = None,
+                          sample_posterior: bool = True) -> torch.Tensor:
+        """The UNet's extra input for inpainting `image` [B, 3, H, W] (in [-1, 1]) where `mask` [B, 1, H, W] (in
+        [0, 1]) is 1: [B, 5, H/8, W/8], the mask binarised at 0.5 and resized (nearest) to the latent grid, then
+        the latent of image * (mask < 0.5), as the original's inpainting script and diffusers'
+        StableDiffusionInpaintPipeline build it. Their latent is a sample of the encoder's posterior; `generator`
+        draws it (`sample_posterior=False` takes the posterior's mode). Sample with
+        `{"c_concat": [concat], "c_crossattn": [context]}`, the unconditional branch sharing c_concat."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be [B, 3, H, W], got {list(image.shape)}")
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[0] != image.shape[0] or mask.shape[2:] != image.shape[2:]:
+            raise ValueError(f"mask must be [B, 1, H, W] matching the image {list(image.shape)}, "
+                             f"got {list(mask.shape)}")
+        weight = next(self.first_stage_model.parameters())
+        image = image.to(device=weight.device, dtype=weight.dtype)
+        mask = (mask.to(device=weight.device) >= 0.5).to(weight.dtype)
+        posterior = self.encode_first_stage(image * (mask < 0.5))
+        if isinstance(posterior, DiagonalGaussianDistribution):
+            latent = posterior.sample(generator) if sample_posterior else posterior.mode()
+        else:
+            latent = posterior
+        masks = {key: mask for key in self.concat_keys if key != self.masked_image_key}
+        return self._c_concat(masks, self.scale_factor * latent)
+
+    @torch.no_grad()
+    def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
+                  force_c_encode: bool = False, cond_key: Optional[str] = None, return_original_cond: bool = False,
+                  bs: Optional[int] = None):
+        """Latent of the batch's images and {"c_concat": [mask, masked-image latent], "c_crossattn": [context]}
+        (the original's `LatentInpaintDiffusion.get_input`). The batch carries `mask` ([B, H, W, 1] or [B, H, W],
+        1 = repaint); `masked_image` is image * (mask < 0.5) when the batch lacks it."""
+        out = super().get_input(batch, k, return_first_stage_outputs=return_first_stage_outputs, force_c_encode=True,
+                                cond_key=cond_key, return_original_cond=return_original_cond, bs=bs)
+        c = out[1]
+        masks = {key: DDPM.get_input(self, batch, key)[:bs].to(self.device)
+                 for key in self.concat_keys if key != self.masked_image_key}
+        if self.masked_image_key in batch:
+            masked_image = DDPM.get_input(self, batch, self.masked_image_key)[:bs].to(self.device)
+        elif len(masks) == 1:
+            masked_image = DDPM.get_input(self, batch, k)[:bs].to(self.device) * (next(iter(masks.values())) < 0.5)
+        else:
+            raise KeyError(f"the batch has no {self.masked_image_key!r} and no single mask to make it from")
+        latent = self.get_first_stage_encoding(self.encode_first_stage(masked_image))
+        out[1] = {"c_concat": [self._c_concat(masks, latent)], "c_crossattn": [c]}
+        return out
+
+
 class DiffusionWrapper(nn.Module):
     """Routes the conditioning to the UNet: concatenated to the input, as cross-attention context, or both."""
 
@@ -520,5 +645,8 @@ class DiffusionWrapper(nn.Module):
         if self.conditioning_key == "crossattn":
             return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), guided_pair=guided_pair)
         if self.conditioning_key == "hybrid":
+            if not c_concat or not c_crossattn:
+                raise ValueError("conditioning_key 'hybrid' (an inpainting UNet) needs both c_concat and c_crossattn: "
+                                 "pass {'c_concat': [model.inpainting_concat(image, mask)], 'c_crossattn': [context]}")
             return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, context=torch.cat(c_crossattn, 1))
         return self.diffusion_model(x, t, y=c_crossattn[0])
