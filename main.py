@@ -143,12 +143,25 @@ def build_model(config: Any) -> Any:
         return instantiate_from_config(config.model)
     if not os.path.isfile(checkpoint):
         raise UserInputError(f"--actual_resume {checkpoint} does not exist; give the checkpoint to start from")
-    model = load_model_from_config(config.model, checkpoint, eval_mode=False)
+    if widens_input(config.model, checkpoint):
+        model = instantiate_from_config(config.model)
+        model.init_from_ckpt(checkpoint)  # the text-to-image weights, the extra input channels zero
+    else:
+        model = load_model_from_config(config.model, checkpoint, eval_mode=False)
     model.restarted_from_ckpt = True  # keep the checkpoint's scale_factor (no scale_by_std re-estimate)
     manager = getattr(model, "embedding_manager", None)
     if manager is not None:
         manager.initialize_from_embedder()
     return model
+
+
+def widens_input(model_config: Any, checkpoint: str) -> bool:
+    """Whether the model starts from a checkpoint whose UNet takes fewer input channels: an inpainting model
+    initialised from a text-to-image checkpoint, as the released inpainting checkpoints were."""
+    from ldm.inpainting_checkpoint import checkpoint_input_channels, config_input_channels
+
+    wanted, given = config_input_channels(model_config), checkpoint_input_channels(checkpoint)
+    return wanted is not None and given is not None and given < wanted
 
 
 def only_embeddings_train(model: Any) -> bool:

@@ -423,21 +423,23 @@ TRAINING = {
     "lightning": {
         "callbacks": {"image_logger": {"target": "main.ImageLogger", "params": {
             "batch_frequency": 2, "max_images": 2, "increase_log_steps": False,
-            "log_images_kwargs": {"ddim_steps": 2, "plot_diffusion_rows": False, "plot_progressive_rows": False}}}},
+            "log_images_kwargs": {"ddim_steps": 2, "plot_diffusion_rows": False, "plot_progressive_rows": False,
+                                  "unconditional_guidance_scale": 3.0}}}},
         "trainer": {"max_steps": 2, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
                     "enable_progress_bar": False},
     },
 }
 
 
-def test_two_training_steps_through_main_from_a_4_channel_checkpoint(tmp_path):
+@pytest.mark.parametrize("start_flag", ["model.params.ckpt_path={}", "--actual_resume={}"])
+def test_two_training_steps_through_main_from_a_4_channel_checkpoint(tmp_path, start_flag):
     from tests.test_main import main_env, only_run
 
     _, start = text_to_image_checkpoint(tmp_path, with_ema=False)
     overlay = tmp_path / "train-inpainting.yaml"
     overlay.write_text(yaml.safe_dump(TRAINING))
     result = subprocess.run([sys.executable, str(REPO_DIR / "main.py"), "--base", str(TINY_INPAINTING), str(overlay),
-                             "-t", "-n", "inpaint", f"model.params.ckpt_path={start}"],
+                             "-t", "-n", "inpaint", start_flag.format(start)],
                             cwd=tmp_path, env=main_env(), capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
     run = only_run(tmp_path)
@@ -446,7 +448,8 @@ def test_two_training_steps_through_main_from_a_4_channel_checkpoint(tmp_path):
     assert tuple(state[INPUT_CONV_KEY].shape) == (32, 9, 3, 3)
     assert tuple(state["model_ema.diffusion_modelinput_blocks00weight"].shape) == (32, 9, 3, 3)
     assert checkpoint_input_channels(checkpoint) == 9
-    assert "samples" in {p.name.split("_gs-")[0] for p in (run / "images" / "train").glob("*.png")}
+    logged = {p.name.split("_gs-")[0] for p in (run / "images" / "train").glob("*.png")}
+    assert {"samples", "samples_cfg_scale_3.00"} <= logged
     loaded = load_model_from_config(str(TINY_INPAINTING), checkpoint)
     assert isinstance(loaded, LatentInpaintDiffusion)
     assert torch.equal(loaded.state_dict()[INPUT_CONV_KEY], state[INPUT_CONV_KEY])

@@ -95,6 +95,8 @@ class LatentDiffusionHooks(DDPMHooks):
             if unconditional_guidance_scale > 1.0:
                 label = default(unconditional_guidance_label, [""] * N)
                 uc = self.get_learned_conditioning(label)
+                if isinstance(c, dict):  # hybrid conditioning (inpainting): the same concat, the empty prompt
+                    uc = {**c, "c_crossattn": [uc]}
                 with scope("Sampling with classifier-free guidance"):
                     samples_cfg, _ = sampler.sample(ddim_steps, N, shape, c, eta=ddim_eta, verbose=False,
                                                     unconditional_guidance_scale=unconditional_guidance_scale,
