@@ -199,6 +199,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ldm.cli.runtime import check_fits_device, load_checked_config
     from ldm.cli.session import open_session
     from ldm.inpainting_checkpoint import select_config
+    from ldm.models.diffusion.inpainting import inpaint, is_inpainting_model
 
     opt.config = select_config(opt.config if opt.config_given else None, opt.ckpt, default_config=opt.config)
     config, geometry = load_checked_config(opt)
@@ -211,42 +212,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_fits_device(opt, geometry, height, width)
     session = open_session(opt, config)
     model, sampler, device = session.model, session.sampler, session.device
-    inpainting_model = hasattr(model, "inpainting_concat")
     original = np.asarray(image, dtype=np.float32) / 255.0
     weights = feather(mask, opt.mask_blur)
     pixels = image_to_tensor(work_image).to(device)
     repaint = torch.from_numpy(work_mask)[None, None].to(device)
-    keep_latent = 1.0 - torch.nn.functional.max_pool2d(repaint, geometry.factor)
     sampler_options = {"eta": opt.ddim_eta} if opt.sampler == "ddim" else {}
-    shape = [opt.C, height // opt.f, width // opt.f]
 
     def render(prompts: list[str], alone: bool) -> np.ndarray:
-        n = len(prompts)
         with session.precision():
-            latent = model.get_first_stage_encoding(model.encode_first_stage(pixels)).repeat(n, 1, 1, 1)
-            c = model.get_learned_conditioning(prompts)
-            uc = model.get_learned_conditioning(n * [opt.negative_prompt]) if opt.scale != 1.0 else None
-            if inpainting_model:
-                concat = model.inpainting_concat(pixels, repaint).repeat(n, 1, 1, 1)
-                c = {"c_concat": [concat], "c_crossattn": [c]}
-                uc = None if uc is None else {"c_concat": [concat], "c_crossattn": [uc]}
-                mask_options = {}
-            else:
-                mask_options = {"mask": keep_latent.expand(n, -1, -1, -1), "x0": latent}
-            guidance = {"unconditional_guidance_scale": opt.scale, "unconditional_conditioning": uc}
-            if opt.strength == 1.0:
-                samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=n, shape=shape,
-                                            verbose=True, **guidance, **mask_options, **sampler_options)
-            else:
-                samples = sampler.img2img(opt.ddim_steps, latent, opt.strength, c, **guidance, **mask_options,
-                                          **sampler_options)
+            samples = inpaint(model, sampler, pixels, repaint, prompts, opt.ddim_steps, opt.scale,
+                              opt.negative_prompt, opt.strength, geometry.factor, **sampler_options)
             decoded = to_unit_images(model.decode_first_stage(samples))
         return composite(original, resize_images(decoded, image.size), weights)
 
     seed_everything(opt.seed)
     fields = {"Mask blur": opt.mask_blur, "Denoising strength": opt.strength,
               "Outpaint": ",".join(map(str, opt.outpaint)) if opt.outpaint else None,
-              "Inpainting model": True if inpainting_model else None}
+              "Inpainting model": True if is_inpainting_model(model) else None}
     render_batches(session, batches, render, image.size, fields)
 
 
