@@ -42,6 +42,7 @@ from ldm.cli.common import (
     seed_everything,
     unit_float,
 )
+from ldm.demo import DEMO_INPAINTING_CHECKPOINT, DEMO_INPAINTING_CONFIG
 from ldm.errors import UserInputError
 
 DEFAULT_OUTDIR = "outputs/inpainting-samples"
@@ -110,6 +111,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if opt.steps is not None:
         raise UserInputError("--steps belongs to the --indir mode; give the number of steps with --ddim_steps")
     opt.config_given = opt.config is not None
+    if opt.demo and opt.config is None and opt.ckpt is None and DEMO_INPAINTING_CHECKPOINT.is_file():
+        opt.config, opt.ckpt, opt.config_given = str(DEMO_INPAINTING_CONFIG), str(DEMO_INPAINTING_CHECKPOINT), True
     resolve_model_paths(opt, DEFAULT_OUTDIR)
     opt.sampler = resolve_sampler(opt)
     if not opt.init_img:

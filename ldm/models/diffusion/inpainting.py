@@ -30,21 +30,23 @@ def latent_keep_mask(repaint: torch.Tensor, factor: int) -> torch.Tensor:
 def inpaint(model: Any, sampler: Any, image: torch.Tensor, repaint: torch.Tensor, prompts: Sequence[str],
             steps: int, guidance_scale: float = 7.5, negative_prompt: str = "", strength: float = 1.0,
             factor: int = 8, verbose: bool = True, **sampler_options: Any) -> torch.Tensor:
-    """Latents of `image` (1, 3, H, W) in [-1, 1] with the region where `repaint` (1, 1, H, W) is 1 sampled under
-    each prompt, in `steps` steps of `sampler` (any sampler class of this package). `strength` below 1 starts
+    """Latents of `image` (1 or len(prompts), 3, H, W) in [-1, 1] with the region where `repaint` (of the same
+    batch, 1 channel) is 1 sampled under each prompt, in `steps` steps of `sampler` (any sampler class of this package). `strength` below 1 starts
     from the image's own latent noised to step int(strength * steps), as img2img; `factor` is the autoencoder's
     downsampling factor. `sampler_options` go to the sampler (e.g. DDIM's eta)."""
     n = len(prompts)
-    latent = model.get_first_stage_encoding(model.encode_first_stage(image)).repeat(n, 1, 1, 1)
+    if image.shape[0] != n:
+        image, repaint = image.expand(n, -1, -1, -1), repaint.expand(n, -1, -1, -1)
+    latent = model.get_first_stage_encoding(model.encode_first_stage(image))
     c = model.get_learned_conditioning(list(prompts))
     uc = model.get_learned_conditioning(n * [negative_prompt]) if guidance_scale != 1.0 else None
     if is_inpainting_model(model):
-        concat = model.inpainting_concat(image, repaint).repeat(n, 1, 1, 1)
+        concat = model.inpainting_concat(image, repaint)
         c = {"c_concat": [concat], "c_crossattn": [c]}
         uc = None if uc is None else {"c_concat": [concat], "c_crossattn": [uc]}
         mask: dict[str, Optional[torch.Tensor]] = {}
     else:
-        mask = {"mask": latent_keep_mask(repaint, factor).expand(n, -1, -1, -1), "x0": latent}
+        mask = {"mask": latent_keep_mask(repaint, factor), "x0": latent}
     guidance = {"unconditional_guidance_scale": guidance_scale, "unconditional_conditioning": uc}
     if strength == 1.0:
         samples, _ = sampler.sample(S=steps, conditioning=c, batch_size=n, shape=latent.shape[1:], verbose=verbose,
