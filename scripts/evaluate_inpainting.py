@@ -27,7 +27,8 @@ from ldm.data.shapes import COLORS, SHAPES, ShapeSpec, random_spec, render  # no
 from ldm.data.shapes_analysis import read_image  # noqa: E402
 from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG, DEMO_INPAINTING_CHECKPOINT, DEMO_INPAINTING_CONFIG  # noqa: E402
 
-MODELS = {"inpainting": (DEMO_INPAINTING_CONFIG, DEMO_INPAINTING_CHECKPOINT), "blending": (DEMO_CONFIG, DEMO_CHECKPOINT)}
+MODELS = {"inpainting": (DEMO_INPAINTING_CONFIG, DEMO_INPAINTING_CHECKPOINT),
+          "blending": (DEMO_CONFIG, DEMO_CHECKPOINT)}
 SIZE = 32
 FRAME = 64.0  # ShapeSpec coordinates are in a 64-pixel frame
 MARGIN = 2  # pixels of mask around the shape's bounding box

@@ -30,10 +30,10 @@ def latent_keep_mask(repaint: torch.Tensor, factor: int) -> torch.Tensor:
 def inpaint(model: Any, sampler: Any, image: torch.Tensor, repaint: torch.Tensor, prompts: Sequence[str],
             steps: int, guidance_scale: float = 7.5, negative_prompt: str = "", strength: float = 1.0,
             factor: int = 8, verbose: bool = True, **sampler_options: Any) -> torch.Tensor:
-    """Latents of `image` (1 or len(prompts), 3, H, W) in [-1, 1] with the region where `repaint` (of the same
-    batch, 1 channel) is 1 sampled under each prompt, in `steps` steps of `sampler` (any sampler class of this package). `strength` below 1 starts
-    from the image's own latent noised to step int(strength * steps), as img2img; `factor` is the autoencoder's
-    downsampling factor. `sampler_options` go to the sampler (e.g. DDIM's eta)."""
+    """Latents of `image` (1 or len(prompts), 3, H, W) in [-1, 1] with the region where `repaint` (the same batch,
+    1 channel) is 1 sampled under each prompt, in `steps` steps of `sampler` (any sampler class of this package).
+    `strength` below 1 starts from the image's own latent noised to step int(strength * steps), as img2img; `factor`
+    is the autoencoder's downsampling factor. `sampler_options` go to the sampler (e.g. DDIM's eta)."""
     n = len(prompts)
     if image.shape[0] != n:
         image, repaint = image.expand(n, -1, -1, -1), repaint.expand(n, -1, -1, -1)
