@@ -4,9 +4,11 @@ out of the demo model's training captions) to learn it with textual inversion:
 
     python scripts/demo_concept_images.py --color purple --shape star --n 5 --outdir data/purple-star
 
-or one image to start the demo model's img2img from:
+or one image to start the demo model's img2img from, with a mask over its shape for inpainting (--masks writes
+NAME_mask.png beside each NAME.png):
 
-    python scripts/demo_concept_images.py --color yellow --shape square --background blue --n 1 --outdir my_shape
+    python scripts/demo_concept_images.py --color yellow --shape square --background blue --n 1 \
+        --outdir my_shape --masks
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import os
 import sys
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ldm.data.shapes import COLORS, SHAPES, random_spec, render  # noqa: E402
+from ldm.data.shapes import COLORS, SHAPES, random_spec, render, shape_box_mask  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=5, help="number of images")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sizes, positions and backgrounds")
+    parser.add_argument("--masks", action="store_true",
+                        help="also write NAME_mask.png for each image: white on a box over the shape, for inpainting")
     parser.add_argument("--outdir", required=True, help="folder to write the images to (must not hold images)")
     return parser
 
@@ -54,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = random_spec(rng, shapes=[args.shape], colors=[args.color])
         if args.background is not None:  # drawn all the same, so the other images stay those of the seed
             spec = dataclasses.replace(spec, background=args.background)
-        render(spec, args.size).save(os.path.join(args.outdir, f"{args.color}-{args.shape}-{index}.png"))
+        name = os.path.join(args.outdir, f"{args.color}-{args.shape}-{index}")
+        render(spec, args.size).save(f"{name}.png")
+        if args.masks:
+            Image.fromarray((shape_box_mask(spec, args.size) * 255).astype(np.uint8)).save(f"{name}_mask.png")
     background = f" on a {args.background} background" if args.background else ""
     print(f"{args.n} image{'s' if args.n > 1 else ''} of a {args.color} {args.shape}{background} written to "
           f"{args.outdir}")

@@ -23,14 +23,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ldm.data.shapes import COLORS, SHAPES, ShapeSpec, random_spec, render  # noqa: E402
+from ldm.data.shapes import COLORS, SHAPES, ShapeSpec, random_spec, render, shape_box_mask  # noqa: E402
 from ldm.data.shapes_analysis import read_image  # noqa: E402
 from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG, DEMO_INPAINTING_CHECKPOINT, DEMO_INPAINTING_CONFIG  # noqa: E402
 
 MODELS = {"inpainting": (DEMO_INPAINTING_CONFIG, DEMO_INPAINTING_CHECKPOINT),
           "blending": (DEMO_CONFIG, DEMO_CHECKPOINT)}
 SIZE = 32
-FRAME = 64.0  # ShapeSpec coordinates are in a 64-pixel frame
 MARGIN = 2  # pixels of mask around the shape's bounding box
 EXCLUDED = {("purple", "star")}
 
@@ -65,11 +64,7 @@ def make_cases(n: int, seed: int) -> list[tuple[Image.Image, np.ndarray, str, Sh
             color, shape = str(rng.choice(colors)), str(rng.choice([s for s in SHAPES if s != spec.shape]))
             if (color, shape) not in EXCLUDED:
                 break
-        scale = SIZE / FRAME
-        mask = np.zeros((SIZE, SIZE), dtype=np.float32)
-        low = [max(0, int(np.floor((v - spec.radius) * scale)) - MARGIN) for v in (spec.cx, spec.cy)]
-        high = [min(SIZE, int(np.ceil((v + spec.radius) * scale)) + MARGIN) for v in (spec.cx, spec.cy)]
-        mask[low[1]:high[1], low[0]:high[0]] = 1.0
+        mask = shape_box_mask(spec, SIZE, MARGIN)
         prompt = f"a {color} {shape} on a {spec.background} background"
         cases.append((render(spec, SIZE), mask, prompt, spec, color, shape))
     return cases

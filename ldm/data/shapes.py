@@ -79,6 +79,17 @@ def render(spec: ShapeSpec, size: int = 64) -> Image.Image:
     return canvas.resize((size, size), Image.Resampling.LANCZOS)
 
 
+def shape_box_mask(spec: ShapeSpec, size: int, margin: int = 2) -> np.ndarray:
+    """A float mask of size x size pixels, 1 on the box that covers `spec`'s shape with `margin` pixels to spare
+    (an inpainting mask that hides the whole shape)."""
+    scale = size / 64.0
+    mask = np.zeros((size, size), dtype=np.float32)
+    low = [max(0, math.floor((v - spec.radius) * scale) - margin) for v in (spec.cx, spec.cy)]
+    high = [min(size, math.ceil((v + spec.radius) * scale) + margin) for v in (spec.cx, spec.cy)]
+    mask[low[1]:high[1], low[0]:high[0]] = 1.0
+    return mask
+
+
 def random_spec(rng: np.random.Generator, shapes: Sequence[str] = SHAPES, colors: Sequence[str] = tuple(COLORS),
                 exclude: Iterable[tuple[str, str]] = ()) -> ShapeSpec:
     """A random shape, colour, background (another colour), size and position within a 64-px frame."""
