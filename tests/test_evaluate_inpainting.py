@@ -27,3 +27,32 @@ def test_a_tiny_run_prints_its_accuracies(capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["model"] == "blending" and summary["n"] == 2
     assert 0.0 <= summary["prompted_color"] <= 1.0 and 0.0 <= summary["background_kept"] <= 1.0
+
+
+def test_the_demo_inpainting_model_turns_a_masked_circle_into_the_prompted_square():
+    import torch
+    from PIL import Image
+
+    from ldm.checkpoint import load_model_from_config
+    from ldm.cli.images import image_to_tensor, to_unit_images
+    from ldm.data.shapes import ShapeSpec, render, shape_box_mask
+    from ldm.data.shapes_analysis import read_image
+    from ldm.demo import DEMO_INPAINTING_CHECKPOINT, DEMO_INPAINTING_CONFIG
+    from ldm.models.diffusion.inpainting import inpaint
+    from ldm.models.diffusion.registry import make_sampler
+
+    cases = [(ShapeSpec("circle", "yellow", "blue", 30, 32, 20), "red"),
+             (ShapeSpec("circle", "green", "black", 34, 30, 22), "white"),
+             (ShapeSpec("circle", "orange", "white", 32, 34, 18), "blue"),
+             (ShapeSpec("circle", "purple", "yellow", 28, 28, 21), "green")]
+    model = load_model_from_config(DEMO_INPAINTING_CONFIG, DEMO_INPAINTING_CHECKPOINT)
+    images = torch.cat([image_to_tensor(render(spec, 32)) for spec, _ in cases])
+    masks = torch.from_numpy(np.stack([shape_box_mask(spec, 32) for spec, _ in cases]))[:, None]
+    prompts = [f"a {color} square on a {spec.background} background" for spec, color in cases]
+    torch.manual_seed(0)
+    samples = inpaint(model, make_sampler("ddim", model), images, masks, prompts, 25, factor=4, verbose=False)
+    readings = [read_image(Image.fromarray((255 * image).astype(np.uint8)))
+                for image in to_unit_images(model.decode_first_stage(samples))]
+    right = [r.shape == "square" and r.color == color and r.background == spec.background
+             for r, (spec, color) in zip(readings, cases)]
+    assert sum(right) >= 3, readings
