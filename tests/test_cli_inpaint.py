@@ -8,11 +8,14 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ldm.cli.common import EXIT_USER_ERROR, run_cli
+from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG
 from ldm.models.diffusion.sampler_names import SAMPLER_NAMES
 from tests.cli_support import load_script, parameters, pixels, snapshot
+from tests.model_factory import REPO_DIR
 
 FAST = ["--demo", "--ddim_steps", "3", "--n_samples", "1", "--skip_grid", "--prompt",
         "a red circle on a blue background"]
+BLENDING = [*FAST, "--config", str(DEMO_CONFIG), "--ckpt", str(DEMO_CHECKPOINT)]  # the text-to-image demo model
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +55,20 @@ def masked(files) -> np.ndarray:
     return np.asarray(Image.open(files / "mask.png")) > 127
 
 
-def test_every_sampler_repaints_the_mask_and_keeps_the_rest(inpaint, files, tmp_path):
+@pytest.mark.parametrize("model", ["blending", "inpainting"])
+def test_every_sampler_repaints_the_mask_and_keeps_the_rest(inpaint, files, tmp_path, model):
     source = pixels(files / "square.png")
     inside = masked(files)
     for i, sampler in enumerate(SAMPLER_NAMES):
         outdir = tmp_path / sampler
-        assert run(inpaint, *FAST, "--init-img", files / "square.png", "--mask", files / "mask.png",
-                   "--sampler", sampler, "--outdir", outdir, "--seed", i) == 0
+        assert run(inpaint, *(BLENDING if model == "blending" else FAST), "--init-img", files / "square.png",
+                   "--mask", files / "mask.png", "--sampler", sampler, "--outdir", outdir, "--seed", i) == 0
         result = pixels(outdir / "samples" / "00000.png")
         assert np.array_equal(result[~inside], source[~inside]), sampler
         assert np.abs(result[inside].astype(int) - source[inside]).mean() > 10, sampler
-    assert "Sampler: DPM++ 2M SDE" in parameters(tmp_path / "dpmpp_2m_sde" / "samples" / "00000.png")
+    info = parameters(tmp_path / "dpmpp_2m_sde" / "samples" / "00000.png")
+    assert "Sampler: DPM++ 2M SDE" in info
+    assert ("Inpainting model: True" in info) == (model == "inpainting")  # --demo picks the inpainting model
 
 
 def test_transparency_is_the_mask_and_strength_below_1_keeps_more(inpaint, files, tmp_path):
@@ -136,11 +142,13 @@ def test_an_all_white_mask_renders_a_whole_new_image(inpaint, files, tmp_path):
     (["--mask", "mask.png", "--fixed_code"], "--fixed_code"),
     (["--mask", "mask.png", "--schedule", "karras"], "--schedule karras"),
     (["--mask", "mask.png", "--mask_blur", "-1"], "--mask_blur"),
+    (["--mask", "mask.png", "--config", "models/demo/inpainting.yaml", "--ckpt", "models/demo/model.safetensors"],
+     "--config"),
 ])
 def test_mistakes_are_one_line_exit_2_and_write_nothing(inpaint, files, tmp_path, capsys, args, message):
     outdir = tmp_path / "out"
     argv = [*FAST, "--init-img", files / "square.png", "--outdir", outdir,
-            *[files / a if a.endswith(".png") else a for a in args]]
+            *[files / a if a.endswith(".png") else REPO_DIR / a if a.startswith("models/") else a for a in args]]
     assert run(inpaint, *argv) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
