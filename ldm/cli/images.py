@@ -44,22 +44,26 @@ def _flatten(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_init_image(path: str) -> Image.Image:
-    """The init image as RGB, with its EXIF orientation applied and transparency flattened onto white."""
+def open_image(path: str, what: str = "image") -> Image.Image:
+    """The image file as PIL opens it, EXIF orientation applied; `what` names it in the one-line errors."""
     file = Path(path)
     if not file.is_file():
-        raise UserInputError(f"init image not found: {file}")
+        raise UserInputError(f"{what} not found: {file}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(file) as image:
                 image.load()
-                image = ImageOps.exif_transpose(image)
+                return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise UserInputError(f"cannot read init image {file}: {error}") from error
+        raise UserInputError(f"cannot read {what} {file}: {error}") from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise UserInputError(f"cannot read init image {file}: it is truncated or corrupt ({error})") from error
-    return _flatten(image)
+        raise UserInputError(f"cannot read {what} {file}: it is truncated or corrupt ({error})") from error
+
+
+def open_init_image(path: str) -> Image.Image:
+    """The init image as RGB, with its EXIF orientation applied and transparency flattened onto white."""
+    return _flatten(open_image(path, "init image"))
 
 
 def fit_to_multiple(image: Image.Image, multiple: int) -> tuple[Image.Image, Optional[str]]:

@@ -8,36 +8,20 @@ inside it, so every pixel outside the mask keeps the input's value exactly.
 """
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter
 
+from ldm.cli.images import open_image
 from ldm.errors import UserInputError
 
 OUTPAINT_MULTIPLE = 8
 
 
-def _open(path: str, what: str) -> Image.Image:
-    file = Path(path)
-    if not file.is_file():
-        raise UserInputError(f"{what} not found: {file}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as image:
-                image.load()
-                return ImageOps.exif_transpose(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
-            SyntaxError, ValueError) as error:
-        raise UserInputError(f"cannot read {what} {file}: it is not an image PIL can open ({error})") from error
-
-
 def open_mask(path: str) -> np.ndarray:
     """The mask file as floats in {0, 1} (1 = repaint): its luminance, with any transparency taken as black."""
-    image = _open(path, "mask")
+    image = open_image(path, "mask")
     if image.mode in ("RGBA", "LA", "PA", "P"):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
@@ -46,7 +30,7 @@ def open_mask(path: str) -> np.ndarray:
 
 def transparency_mask(path: str) -> Optional[np.ndarray]:
     """The init image's transparent pixels as a mask (1 = repaint, alpha below half), or None if it has none."""
-    image = _open(path, "init image")
+    image = open_image(path, "init image")
     if image.mode not in ("RGBA", "LA", "PA", "P") or (image.mode == "P" and "transparency" not in image.info):
         return None
     alpha = np.asarray(image.convert("RGBA"), dtype=np.float32)[..., 3]
