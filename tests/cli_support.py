@@ -39,7 +39,7 @@ def script_env(tmp: Path, **extra: str) -> dict[str, str]:
     """The environment of a script run: offline, one thread, caches under `tmp`."""
     env = {key: value for key, value in os.environ.items() if key != "LDM_SAFETY_CHECKER"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf-home"),
-               XDG_CACHE_HOME=str(tmp / "cache"), PYTHONPATH=str(REPO_DIR), TQDM_DISABLE="0")
+               XDG_CACHE_HOME=str(tmp / "cache"), PYTHONPATH=str(REPO_DIR))
     env.update(extra)
     return env
 
