@@ -47,3 +47,29 @@ def test_lpips_without_its_weights_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserInputError, match="perceptual_weight: 0"):
         LPIPSWithDiscriminator(disc_start=0, perceptual_weight=1.0)
     assert not list(tmp_path.rglob("*.part")), "no partial download is left behind"
+
+
+def test_lpips_linear_weights_come_from_the_lpips_package(monkeypatch):
+    from ldm.modules.losses import lpips as ours
+
+    monkeypatch.delenv("LDM_LPIPS_WEIGHTS", raising=False)
+    path = ours.lpips_weights_path()
+    assert path.parts[-4:] == ("lpips", "weights", "v0.1", "vgg.pth")
+    assert ours._file_digest(path, "md5") == ours.LPIPS_VGG_MD5, "the same file as taming-transformers' vgg.pth"
+    weights = torch.load(path, map_location="cpu", weights_only=True)
+    assert [tuple(weights[f"lin{k}.model.1.weight"].shape) for k in range(5)] == [
+        (1, c, 1, 1) for c in ours.CHANNELS]
+
+
+def test_lpips_refuses_a_wrong_linear_weight_file_before_any_download(tmp_path, monkeypatch):
+    wrong = tmp_path / "vgg.pth"
+    torch.save({"lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}, wrong)
+    monkeypatch.setenv("LDM_LPIPS_WEIGHTS", str(wrong))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("nothing may be downloaded for a wrong weight file")
+
+    monkeypatch.setattr("urllib.request.urlopen", no_download)
+    with pytest.raises(UserInputError, match="LDM_LPIPS_WEIGHTS"):
+        LPIPSWithDiscriminator(disc_start=0, perceptual_weight=1.0)

@@ -3,14 +3,16 @@ with the module and key names of the original (`net.slice<k>.<i>`, `lin<k>.model
 
 d(x, y) = sum_l mean_hw || w_l * (f_l(x) / |f_l(x)| - f_l(y) / |f_l(y)|) ||^2   (eq. 1 of the paper)
 
-It needs two pretrained files from the network, fetched once into torch's hub cache:
-* torchvision's ImageNet VGG16 (`vgg16-397923af.pth`), for the features f_l;
-* the LPIPS linear weights w_l (`vgg.pth` of taming-transformers), path overridable with $LDM_LPIPS_WEIGHTS.
+It needs two pretrained files:
+* torchvision's ImageNet VGG16 (`vgg16-397923af.pth`), for the features f_l, fetched once into torch's hub cache;
+* the LPIPS linear weights w_l: `weights/v0.1/vgg.pth` of the `lpips` package (a dependency; the same file,
+  same checksum, as the `vgg.pth` of taming-transformers), path overridable with $LDM_LPIPS_WEIGHTS.
 When they cannot be had, building the loss raises `UserInputError` saying what is missing.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -27,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_SHA256_PREFIX = "397923af"
-LPIPS_VGG_URL = "https://heibox.uni-heidelberg.de/f/607503859c864bc1b30b/?dl=1"
+LPIPS_PACKAGE_WEIGHTS = Path("weights") / "v0.1" / "vgg.pth"
 LPIPS_VGG_MD5 = "d507d7349b931f0638a25a48a722f98a"
 LPIPS_WEIGHTS_ENV = "LDM_LPIPS_WEIGHTS"
 DOWNLOAD_TIMEOUT_S = 30
@@ -51,8 +53,16 @@ def vgg16_weights_path() -> Path:
 
 
 def lpips_weights_path() -> Path:
+    """$LDM_LPIPS_WEIGHTS, else the linear weights that ship inside the `lpips` package (found without importing it)."""
     override = os.environ.get(LPIPS_WEIGHTS_ENV)
-    return Path(override).expanduser() if override else Path(torch.hub.get_dir()) / "checkpoints" / "lpips_vgg.pth"
+    if override:
+        return Path(override).expanduser()
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError("the LPIPS perceptual loss needs its linear-layer weights from the lpips package: "
+                             f"pip install lpips (or set {LPIPS_WEIGHTS_ENV} to a vgg.pth), or set "
+                             "perceptual_weight: 0 in the loss config to train without LPIPS")
+    return Path(list(spec.submodule_search_locations)[0]) / LPIPS_PACKAGE_WEIGHTS
 
 
 def download(url: str, destination: Path) -> None:
@@ -179,10 +189,11 @@ class LPIPS(nn.Module):
         self.eval()
 
     def load_pretrained(self, vgg_path: Path, lpips_path: Path) -> None:
+        if not lpips_path.is_file() or _file_digest(lpips_path, "md5") != LPIPS_VGG_MD5:
+            raise UserInputError(f"{lpips_path} is not the LPIPS linear-layer weight file vgg.pth (missing or another "
+                                 f"checksum); reinstall lpips or point {LPIPS_WEIGHTS_ENV} at the right file")
         vgg_path = fetch_pretrained(VGG16_URL, vgg_path, lambda p: _file_digest(p, "sha256").startswith(
             VGG16_SHA256_PREFIX), "torchvision's ImageNet VGG16 weights")
-        lpips_path = fetch_pretrained(LPIPS_VGG_URL, lpips_path, lambda p: _file_digest(p, "md5") == LPIPS_VGG_MD5,
-                                      "the LPIPS linear-layer weights (vgg.pth)")
         self.net.load_torchvision_state_dict(_load_weights(vgg_path))
         weights = _load_weights(lpips_path)
         for k, lin in enumerate(self.lins):
