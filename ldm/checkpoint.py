@@ -319,23 +319,24 @@ def model_config_section(config: Any) -> Any:
     return config
 
 
-def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike], device: str | torch.device = "cpu",
+def load_model_from_config(config: Any, ckpt: Optional[str | os.PathLike | Mapping[str, torch.Tensor]],
+                           device: str | torch.device = "cpu",
                            dtype: Optional[torch.dtype] = None, verbose: bool = False,
                            eval_mode: bool = True) -> nn.Module:
     """Build the model of `config` (path, whole config or its `model` section) and load `ckpt` into it.
 
     The model is built without random initialisation and the checkpoint's tensors are assigned to it
     (memory-mapped where the format allows), so loading is fast and needs the weights' memory once.
-    With `ckpt=None` the model is initialised normally. The model ends on `device`, in eval mode,
-    with floating weights in `dtype` (float32 if None, as the original loads fp16 checkpoints; the noise
-    schedule stays float32).
+    `ckpt` may also be a state dict already read. With `ckpt=None` the model is initialised normally. The model
+    ends on `device`, in eval mode, with floating weights in `dtype` (float32 if None, as the original loads fp16
+    checkpoints; the noise schedule stays float32).
     """
     dtype = dtype or torch.float32
     section = model_config_section(config)
     if ckpt is None:
         model = instantiate_from_config(section)
     else:
-        checkpoint = read_checkpoint(ckpt)
+        checkpoint = {"state_dict": ckpt} if isinstance(ckpt, Mapping) else read_checkpoint(ckpt)
         with no_weight_init():
             model = instantiate_from_config(section)
         if "global_step" in checkpoint:
