@@ -9,7 +9,10 @@ median of ours / diffusers over the repeats, each pair measured back to back:
 * UNet step: one forward of a batch of 2 (one image with classifier-free guidance: the same latent under
   the unconditional and the conditional context) per dtype;
 * txt2img: text encoding, N DDIM steps with guidance 7.5, VAE decode (first dtype only);
-* load: checkpoint file to a ready model, per format, each in a fresh process, with its peak RSS;
+* load: checkpoint file to a ready model, per format, each in a fresh process, with its peak RSS; for
+  `.safetensors` also ours reading the file with the `safetensors` package's own memory-mapped `load_file`
+  instead of `ldm.safetensors_mmap` (one private mapping for all tensors), so the hand-written reader is kept
+  only while it measures faster;
 * render memory: peak RSS (CPU) or `max_memory_allocated` (CUDA) of a fresh process that loads the
   `.safetensors` checkpoint and renders one image; with `--original DIR` also the original code's
   (`scripts/benchmark_original.py`, from the `.ckpt`).
@@ -55,6 +58,7 @@ GUIDANCE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLEMENTATIONS = ("ours", "diffusers")
 PLAIN = "ours_no_accel"  # our model's plain layers, timed beside the accelerated ones
+LIBRARY_READER = "ours_safetensors_load_file"  # ours, the .safetensors read by the safetensors package
 ORIGINAL_WORKER = REPO / "scripts" / "benchmark_original.py"
 COMPILED = " (ours compiled)"
 DISTINCT = " (distinct latents)"
@@ -300,6 +304,10 @@ def load_for(impl: str, checkpoint: Path, config_path: Path, image_size: int) ->
     `convert_ldm_clip_checkpoint`; the pipeline's own `from_single_file` needs the Hub for CLIP's configs)."""
     if impl == "ours":
         return load_model_from_config(config_path, checkpoint)
+    if impl == LIBRARY_READER:
+        from safetensors.torch import load_file
+
+        return load_model_from_config(config_path, load_file(str(checkpoint)))
     import diffusers
     from diffusers.loaders import single_file_utils as single_file
 
@@ -319,7 +327,7 @@ def import_code_of(impl: str, config_path: Path) -> None:
     """Import the code a load runs, so that the load time counts reading and building, not importing."""
     import importlib
 
-    if impl == "ours":
+    if impl in ("ours", LIBRARY_READER):
         def targets(node: Any) -> list[str]:
             if isinstance(node, dict):
                 found = [node["target"]] if isinstance(node.get("target"), str) else []
@@ -450,16 +458,17 @@ def load_rows(paths: dict[str, Path], config_path: Path, args: argparse.Namespac
               ) -> list[dict[str, Any]]:
     rows = []
     for fmt, path in paths.items():
-        results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLEMENTATIONS}
+        impls = IMPLEMENTATIONS + ((LIBRARY_READER,) if fmt == "safetensors" else ())
+        results: dict[str, list[dict[str, Any]]] = {impl: [] for impl in impls}
         for _ in range(args.load_repeats):
-            for impl in IMPLEMENTATIONS:
+            for impl in impls:
                 results[impl].append(run_worker({"kind": "load", "impl": impl, "checkpoint": str(path),
                                                  "config": str(config_path), "device": "cpu",
                                                  "resolution": args.resolution, "threads": args.threads}))
         rows.append({"measure": f"load .{fmt}", "weights_mib": weights_mib,
-                     **{impl: [r["seconds"] for r in results[impl]] for impl in IMPLEMENTATIONS},
+                     **{impl: [r["seconds"] for r in results[impl]] for impl in impls},
                      "peak_rss_increase_mib": {impl: max(r["peak_rss_mib"] - r["rss_before_mib"]
-                                                         for r in results[impl]) for impl in IMPLEMENTATIONS}})
+                                                         for r in results[impl]) for impl in impls}})
     return rows
 
 
@@ -533,7 +542,16 @@ def _note(row: dict[str, Any]) -> str:
         peak = row["peak_increase_mib"]
         return f"peak +{peak['ours']:.0f}/+{peak['diffusers']:.0f} MiB (ours untiled +{peak['ours_whole']:.0f} MiB)"
     peak = row["peak_rss_increase_mib"]
-    return f"peak RSS +{peak['ours']:.0f}/+{peak['diffusers']:.0f} MiB of {row['weights_mib']:.0f} MiB weights"
+    note = f"peak RSS +{peak['ours']:.0f}/+{peak['diffusers']:.0f} MiB of {row['weights_mib']:.0f} MiB weights"
+    if LIBRARY_READER in row:
+        note += (f"; safetensors load_file {median(row[LIBRARY_READER]):.3f}s, ldm.safetensors_mmap / it "
+                 f"{mapped_over_library(row):.2f}")
+    return note
+
+
+def mapped_over_library(row: dict[str, Any]) -> float:
+    """Median over the repeats of ours (ldm.safetensors_mmap) / ours reading with the safetensors package."""
+    return median([mine / library for mine, library in zip(row["ours"], row[LIBRARY_READER])])
 
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
@@ -656,6 +674,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             row["ratio"] = paired_ratio(row)
             if PLAIN in row:
                 row["ratio_no_accel"] = paired_ratio(row, PLAIN)
+            if LIBRARY_READER in row:
+                row["ratio_mmap_to_load_file"] = mapped_over_library(row)
     report = {"environment": environment(device, args.threads), "rows": rows}
     print()
     print(json.dumps(report["environment"]))

@@ -48,6 +48,17 @@ def test_load_and_render_workers(benchmark, tmp_path):
     assert offloaded["peak_rss_render_mib"] > 0
     loaded = benchmark.run_worker({**job, "kind": "load", "impl": "ours", "checkpoint": str(paths["ckpt"])})
     assert loaded["seconds"] > 0 and loaded["peak_rss_mib"] >= loaded["rss_before_mib"] > 0
+    through_library = benchmark.worker({**job, "kind": "load", "impl": benchmark.LIBRARY_READER,
+                                        "checkpoint": str(paths["safetensors"])})
+    assert through_library["seconds"] > 0
+
+
+def test_the_safetensors_reader_comparison_is_reported(benchmark):
+    row = {"measure": "load .safetensors", "weights_mib": 10.0, "ours": [0.2, 0.4], "diffusers": [0.5, 0.5],
+           benchmark.LIBRARY_READER: [0.4, 0.4],
+           "peak_rss_increase_mib": {"ours": 1.0, "diffusers": 2.0, benchmark.LIBRARY_READER: 1.0}}
+    assert benchmark.mapped_over_library(row) == 0.75
+    assert "safetensors load_file 0.400s, ldm.safetensors_mmap / it 0.75" in benchmark.table([row])
 
 
 def test_compiled_rows_are_labelled(benchmark, monkeypatch, tmp_path):
