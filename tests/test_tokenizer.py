@@ -1,9 +1,11 @@
 import json
+import subprocess
+import sys
 
 import pytest
 
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
-from tests.model_factory import DATA_DIR
+from tests.model_factory import DATA_DIR, REPO_DIR
 
 CASES = json.loads((DATA_DIR / "clip-vit-l14-tokens.json").read_text())["cases"]
 
@@ -50,14 +52,35 @@ def test_frozen_clip_embedder_tokenizes_offline():
 def test_the_merge_table_is_read_on_first_use_and_once_per_process(monkeypatch):
     from ldm.modules.encoders import clip_tokenizer
 
-    clip_tokenizer._read_tables.cache_clear()
+    clip_tokenizer._simple_tokenizer.cache_clear()
+    module = clip_tokenizer._open_clip_tokenizer_module()
     reads = []
-    monkeypatch.setattr(clip_tokenizer, "_BPETables", lambda path, _real=clip_tokenizer._BPETables: reads.append(path)
+    monkeypatch.setattr(module, "SimpleTokenizer", lambda path, _real=module.SimpleTokenizer: reads.append(path)
                         or _real(path))
     first, second = clip_tokenizer.CLIPTokenizer(), clip_tokenizer.CLIPTokenizer()
     assert reads == []
     assert first.encode("a red circle", 5) == second.encode("a red circle", 5) == [49406, 320, 736, 7117, 49407]
     assert len(reads) == 1
+    clip_tokenizer._simple_tokenizer.cache_clear()
+
+
+def test_the_work_is_done_by_open_clips_simple_tokenizer_without_importing_open_clip(tokenizer):
+    code = ("import sys; from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer; t = CLIPTokenizer(); "
+            "t.encode('a'); print(type(t.bpe).__name__, 'open_clip' in sys.modules, 'timm' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_DIR)
+    assert out.stdout.split() == ["SimpleTokenizer", "False", "False"]
+
+
+@pytest.mark.parametrize("prompt, ids", [
+    # OpenAI's CLIP and transformers' CLIPTokenizer (Stable Diffusion's) read these as the special tokens ...
+    ("a <|endoftext|> b", [320, 49407, 321]),
+    ("<|startoftext|>a", [49406, 320]),
+    # ... and open_clip's own names as plain text (open_clip alone would give 49406 and 49407 here).
+    ("<start_of_text> x", [283, 1572, 318, 539, 318, 4160, 285, 343]),
+    ("x <end_of_text>", [343, 283, 806, 318, 539, 318, 4160, 285]),
+])
+def test_special_token_strings_as_in_openai_clip(tokenizer, prompt, ids):
+    assert tokenizer.tokenize(prompt) == ids
 
 
 def test_a_file_that_is_not_the_merge_table_is_refused(tmp_path):

@@ -1,21 +1,23 @@
-"""The CLIP byte-pair-encoding tokenizer (Radford et al. 2021), offline.
+"""The CLIP byte-pair-encoding tokenizer (Radford et al. 2021), offline: `open_clip`'s `SimpleTokenizer` (the
+BPE of OpenAI's CLIP repository, with the same merge table) under Stable Diffusion's padding.
 
-The BPE merge table is the one OpenAI published with CLIP; it is read from the copy
-that `open_clip` ships (`bpe_simple_vocab_16e6.txt.gz`) without importing that package,
-so tokenizing needs neither the network nor a hub cache.
+Two things differ from using `open_clip` as it comes:
+* its module is loaded from its file, without the `open_clip` package (whose import also loads timm and
+  transformers' model code, seconds this tokenizer does not need);
+* its start and end tokens are renamed back to OpenAI's `<|startoftext|>` / `<|endoftext|>`, which the
+  original CLIP and transformers' `CLIPTokenizer` (the one Stable Diffusion used) read as the special
+  tokens when a prompt contains them; open_clip calls them `<start_of_text>` / `<end_of_text>`.
 """
 from __future__ import annotations
 
 import functools
-import gzip
-import html
+import importlib
 import importlib.util
 import os
-from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from types import ModuleType
+from typing import Any, Iterable, Optional, Sequence
 
-import ftfy
 import regex
 
 from ldm.errors import UserInputError
@@ -26,67 +28,53 @@ END_OF_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 49408
 SOT_TOKEN_ID = 49406
 EOT_TOKEN_ID = 49407
-_TOKEN_PATTERN = regex.compile(
+_OPENAI_PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE)
+
+
+def _open_clip_directory() -> Path:
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError("the CLIP tokenizer was not found: install open-clip-torch (pip install open-clip-torch)")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def default_vocab_path() -> Path:
     """Where the CLIP merge table lies: $LDM_CLIP_BPE_PATH, else the copy inside the open_clip package."""
     override = os.environ.get("LDM_CLIP_BPE_PATH")
-    if override:
-        return Path(override)
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserInputError("the CLIP vocabulary was not found: install open-clip-torch (pip install open-clip-torch) "
-                             "or set LDM_CLIP_BPE_PATH to bpe_simple_vocab_16e6.txt.gz")
-    return Path(list(spec.submodule_search_locations)[0]) / VOCAB_FILE_NAME
+    return Path(override) if override else _open_clip_directory() / VOCAB_FILE_NAME
 
 
-@lru_cache()
-def bytes_to_unicode() -> dict[int, str]:
-    """A reversible map from the 256 byte values to printable unicode characters (GPT-2 BPE)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    characters = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            characters.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, characters)))
+@functools.lru_cache(maxsize=1)
+def _open_clip_tokenizer_module() -> ModuleType:
+    """open_clip/tokenizer.py, loaded on its own (its imports: ftfy, regex, numpy, torch)."""
+    spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", _open_clip_directory() / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except ImportError:  # a release whose tokenizer imports from its package: take the whole package
+        module = importlib.import_module("open_clip.tokenizer")
+    return module
 
 
-def clean_text(text: str) -> str:
-    """ftfy repair, HTML unescape, collapse whitespace, lower-case: CLIP's text normalisation."""
-    text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text)).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower()
-
-
-class _BPETables:
-    """The vocabulary and merge ranks read from a merge table (49152 tokens: 256 bytes, 256 word-final bytes,
-    48894 merges, start and end)."""
-
-    def __init__(self, path: Path):
-        try:
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
-                lines = handle.read().split("\n")[1:49152 - 256 - 2 + 1]
-        except OSError as error:
-            raise UserInputError(f"cannot read the CLIP vocabulary {path}: {error}") from error
-        byte_chars = list(bytes_to_unicode().values())
-        vocab = byte_chars + [c + "</w>" for c in byte_chars] + [line.replace(" ", "") for line in lines]
-        vocab += [START_OF_TEXT, END_OF_TEXT]
-        if len(vocab) != VOCAB_SIZE:
-            raise UserInputError(f"{path} is not CLIP's merge table: it gives {len(vocab)} tokens, not {VOCAB_SIZE}")
-        self.encoder = {token: index for index, token in enumerate(vocab)}
-        self.bpe_ranks = {merge: rank for rank, merge in enumerate(lines)}  # keyed "first second"
-
-
-@lru_cache(maxsize=4)
-def _read_tables(path: Path) -> _BPETables:
-    return _BPETables(path)
+@functools.lru_cache(maxsize=4)
+def _simple_tokenizer(path: Path) -> Any:
+    """open_clip's SimpleTokenizer of the merge table at `path`, with OpenAI's names for the special tokens;
+    read once per process and shared by every `CLIPTokenizer`."""
+    module = _open_clip_tokenizer_module()
+    try:
+        tokenizer = module.SimpleTokenizer(str(path))
+    except (OSError, EOFError, ValueError) as error:
+        raise UserInputError(f"cannot read the CLIP vocabulary {path}: {error}") from error
+    if tokenizer.vocab_size != VOCAB_SIZE:
+        raise UserInputError(f"{path} is not CLIP's merge table: it gives {tokenizer.vocab_size} tokens, "
+                             f"not {VOCAB_SIZE}")
+    encoder = {token: index for token, index in tokenizer.encoder.items() if index < SOT_TOKEN_ID}
+    tokenizer.encoder = {**encoder, START_OF_TEXT: SOT_TOKEN_ID, END_OF_TEXT: EOT_TOKEN_ID}
+    tokenizer.cache = {START_OF_TEXT: START_OF_TEXT, END_OF_TEXT: END_OF_TEXT}
+    tokenizer.pat = _OPENAI_PATTERN
+    return tokenizer
 
 
 class CLIPTokenizer:
@@ -99,62 +87,18 @@ class CLIPTokenizer:
         self.path = Path(vocab_path) if vocab_path else default_vocab_path()
         if not self.path.is_file():
             raise UserInputError(f"cannot read the CLIP vocabulary {self.path}: no such file")
-        self.byte_encoder = bytes_to_unicode()
-        self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
-        self.cache = {START_OF_TEXT: START_OF_TEXT, END_OF_TEXT: END_OF_TEXT}
         self.sot_token_id = SOT_TOKEN_ID
         self.eot_token_id = EOT_TOKEN_ID
         self.vocab_size = VOCAB_SIZE
 
-    @functools.cached_property
-    def _tables(self) -> _BPETables:
-        return _read_tables(self.path)
-
     @property
-    def encoder(self) -> dict[str, int]:
-        return self._tables.encoder
-
-    @property
-    def bpe_ranks(self) -> dict[str, int]:
-        return self._tables.bpe_ranks
-
-    @functools.cached_property
-    def decoder(self) -> dict[int, str]:
-        return {index: token for token, index in self.encoder.items()}
-
-    def bpe(self, token: str) -> str:
-        """Merge the characters of one word by BPE ranks; returns space-separated sub-words."""
-        if token in self.cache:
-            return self.cache[token]
-        ranks = self.bpe_ranks
-        word = tuple(token[:-1]) + (token[-1] + "</w>",)
-        while len(word) > 1:
-            pairs = {f"{word[i]} {word[i + 1]}" for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
-            if best not in ranks:
-                break
-            first, second = best.split(" ")
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = tuple(merged)
-        result = " ".join(word)
-        self.cache[token] = result
-        return result
+    def bpe(self) -> Any:
+        """open_clip's SimpleTokenizer doing the work."""
+        return _simple_tokenizer(self.path)
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text` without start, end or padding tokens."""
-        ids: list[int] = []
-        for piece in _TOKEN_PATTERN.findall(clean_text(text)):
-            piece = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[sub] for sub in self.bpe(piece).split(" "))
-        return ids
+        return self.bpe.encode(text)
 
     def encode(self, text: str, max_length: Optional[int] = 77, pad: bool = True) -> list[int]:
         """[start] + ids + [end], truncated to `max_length` (end kept last) and padded with the end token."""
@@ -173,5 +117,4 @@ class CLIPTokenizer:
         return [self.encode(text, max_length) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
-        text = "".join(self.decoder[i] for i in ids if i not in (self.sot_token_id, self.eot_token_id))
-        return bytearray(self.byte_decoder[c] for c in text).decode("utf-8", errors="replace").replace("</w>", " ").strip()
+        return self.bpe.decode([i for i in ids if i not in (self.sot_token_id, self.eot_token_id)]).strip()
