@@ -257,7 +257,9 @@ class BERTEmbedder(nn.Module):
         return self.tknz_fn(text).to(self.device)
 
     def forward(self, text: Any, embedding_manager: Optional[Callable] = None) -> torch.Tensor:
-        tokens = self.tokenize(text) if self.use_tknz_fn else text.to(self.device)
+        """Prompts, or token ids [B, N] already tokenized (long prompts: ldm.prompts), -> [B, N, n_embed]."""
+        tokenized = isinstance(text, torch.Tensor) or not self.use_tknz_fn
+        tokens = text.to(self.device) if tokenized else self.tokenize(text)
         return self.transformer(tokens, return_embeddings=True, embedding_manager=embedding_manager)
 
     def encode(self, text: Any, **kwargs: Any) -> torch.Tensor:

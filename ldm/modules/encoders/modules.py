@@ -92,13 +92,9 @@ class FrozenCLIPEmbedder(AbstractEncoder):
                               hidden_act=hf.hidden_act)
 
     @staticmethod
-    def _tokenizer(version: str) -> Callable[[Sequence[str], int], list[list[int]]]:
+    def _tokenizer(version: str) -> Any:
         if os.path.isdir(version) and os.path.exists(os.path.join(version, "vocab.json")):
-            from transformers import CLIPTokenizer as HFCLIPTokenizer
-
-            hf = HFCLIPTokenizer.from_pretrained(version)
-            return lambda texts, max_length: hf(list(texts), truncation=True, max_length=max_length,
-                                                padding="max_length")["input_ids"]
+            return _DirectoryTokenizer(version)
         return CLIPTokenizer()
 
     def freeze(self) -> None:
@@ -118,11 +114,30 @@ class FrozenCLIPEmbedder(AbstractEncoder):
         """Token ids [B, max_length] on the weights' device."""
         return torch.tensor(self.token_ids(text), dtype=torch.long, device=self.device)
 
-    def forward(self, text: str | Sequence[str], embedding_manager: Optional[Callable] = None) -> torch.Tensor:
-        return self.transformer(self.tokenize(text), embedding_manager=embedding_manager)
+    def forward(self, text: str | Sequence[str] | torch.Tensor, embedding_manager: Optional[Callable] = None
+                ) -> torch.Tensor:
+        """Prompts, or token ids [B, N] already tokenized (long prompts: ldm.prompts), -> [B, N, width]."""
+        tokens = text.to(self.device) if isinstance(text, torch.Tensor) else self.tokenize(text)
+        return self.transformer(tokens, embedding_manager=embedding_manager)
 
     def encode(self, text: str | Sequence[str], **kwargs) -> torch.Tensor:
         return self(text, **kwargs)
+
+
+class _DirectoryTokenizer:
+    """transformers' CLIPTokenizer of a local model directory, called like `CLIPTokenizer`."""
+
+    def __init__(self, directory: str):
+        from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+        self.hf = HFCLIPTokenizer.from_pretrained(directory)
+
+    def __call__(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        return self.hf(list(texts), truncation=True, max_length=max_length, padding="max_length")["input_ids"]
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids without start, end or padding tokens."""
+        return self.hf(text, add_special_tokens=False)["input_ids"]
 
 
 # The LDM text2img-large encoder, at the module path of the original configs.
