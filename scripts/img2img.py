@@ -122,10 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         else:
             latent, noise = init_latent, None if fixed_noise is None else fixed_noise[:len(prompts)]
         with session.precision():
-            uc = None
-            if opt.scale != 1.0:
-                uc = model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
-            c = model.get_learned_conditioning(prompts)
+            c, uc = session.conditioning(prompts, len(prompts) * [opt.negative_prompt] if opt.scale != 1.0 else None)
             samples = sampler.img2img(opt.ddim_steps, latent[:len(prompts)], opt.strength, c,
                                       unconditional_guidance_scale=opt.scale, unconditional_conditioning=uc,
                                       noise=noise, **sampler_options)

@@ -224,7 +224,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def render(prompts: list[str], alone: bool) -> np.ndarray:
         with session.precision():
             samples = inpaint(model, sampler, pixels, repaint, prompts, opt.ddim_steps, opt.scale,
-                              opt.negative_prompt, opt.strength, geometry.factor, **sampler_options)
+                              opt.negative_prompt, opt.strength, geometry.factor,
+                              encode_prompts=session.conditioning, **sampler_options)
             decoded = to_unit_images(model.decode_first_stage(samples))
         return composite(original, resize_images(decoded, image.size), weights)
 

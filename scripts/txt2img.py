@@ -94,10 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def render(prompts: list[str], alone: bool) -> torch.Tensor:
         x_T = None if alone or start_code is None else start_code[:len(prompts)]
         with session.precision():
-            uc = None
-            if opt.scale != 1.0:
-                uc = model.get_learned_conditioning(len(prompts) * [opt.negative_prompt])
-            c = model.get_learned_conditioning(prompts)
+            c, uc = session.conditioning(prompts, len(prompts) * [opt.negative_prompt] if opt.scale != 1.0 else None)
             samples, _ = sampler.sample(S=opt.ddim_steps, conditioning=c, batch_size=len(prompts), shape=shape,
                                         verbose=True, unconditional_guidance_scale=opt.scale,
                                         unconditional_conditioning=uc, eta=opt.ddim_eta, x_T=x_T)

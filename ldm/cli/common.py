@@ -142,6 +142,18 @@ def unit_float(text: str) -> float:
     return value
 
 
+def lora_argument(text: str) -> tuple[str, float]:
+    """argparse type of --lora: PATH[:WEIGHT] -> (path, weight); the text after the last colon is the weight only
+    if it is a number, so paths with colons (C:\\loras\\x.safetensors) stay whole. Checked later."""
+    path, colon, weight = text.rpartition(":")
+    if colon and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
 def seed_int(text: str) -> int:
     """argparse type: a seed in [0, 2**32 - 1] (the range numpy and the original accept)."""
     value = int(text)
@@ -241,6 +253,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                             "plms and dpm_solver, which run on the model's timesteps")
     group.add_argument("--negative_prompt", type=str, default="",
                        help="text for the unconditional branch of classifier-free guidance (the original uses \"\")")
+    group.add_argument("--prompt_weighting", action="store_true",
+                       help="read the web UIs' emphasis syntax: (word) x1.1, [word] /1.1, (word:1.5), nested "
+                            "brackets multiply, \\( \\) \\[ \\] for the characters (docs/prompts.md); off by default, "
+                            "since it changes what brackets in a prompt mean")
+    group.add_argument("--truncate_prompts", action="store_true",
+                       help="cut prompts at the text encoder's 77 tokens as the original does, instead of encoding "
+                            "longer ones in chunks of 75 tokens (a prompt that fits is the same either way)")
     group.add_argument("--device", type=str, default="auto",
                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     group.add_argument("--seed_per_sample", action="store_true",
@@ -256,6 +275,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                             "feature extractor; default $LDM_SAFETY_CHECKER or CompVis/stable-diffusion-safety-checker")
     group.add_argument("--embedding_path", type=str, nargs="+", default=None, metavar="PATH",
                        help="textual-inversion embedding file(s) whose placeholder words the prompt may use")
+    group.add_argument("--lora", type=lora_argument, action="append", default=None, metavar="PATH[:WEIGHT]",
+                       help="merge a LoRA file into the model (kohya/web-UI or diffusers/PEFT layout, .safetensors "
+                            "or .pt) at WEIGHT (default 1.0); repeat for several; the PNG records name and hash "
+                            "(docs/lora-vae.md)")
+    group.add_argument("--vae", type=str, default=None, metavar="PATH",
+                       help="load this autoencoder file (.ckpt or .safetensors, e.g. "
+                            "vae-ft-mse-840000-ema-pruned) over the model's own")
     speed = parser.add_argument_group("memory and speed")
     speed.add_argument("--tiled_decode", action="store_true",
                        help=f"decode latents larger than {DECODE_TILE}x{DECODE_TILE} (images larger than "
@@ -321,6 +347,12 @@ def check_common_arguments(opt: argparse.Namespace) -> None:
     for path in opt.embedding_path or ():
         if not Path(path).is_file():
             raise UserInputError(f"embedding file not found: {path}")
+    for path, weight in opt.lora or ():
+        check_input_file(path, "LoRA")
+        if not math.isfinite(weight):
+            raise UserInputError(f"--lora {path}: the weight must be a finite number, got {weight}")
+    if opt.vae is not None:
+        check_input_file(opt.vae, "VAE")
     if opt.demo:
         return  # --f, --C and the size multiple come from the demo config, checked once it is read
     if opt.f & (opt.f - 1):
@@ -329,6 +361,15 @@ def check_common_arguments(opt: argparse.Namespace) -> None:
         value = getattr(opt, name, None)
         if value is not None and value % opt.f:
             raise UserInputError(f"--{name} must be a multiple of {opt.f} (--f), got {value}")
+
+
+def check_input_file(path: str, what: str) -> None:
+    """`path` names a file that is not empty (`what` names it in the message)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserInputError(f"{what} file {'is a directory' if file.is_dir() else 'not found'}: {path}")
+    if file.stat().st_size == 0:
+        raise UserInputError(f"{what} file {path} is empty (0 bytes); download it again")
 
 
 def read_prompt_batches(prompt: Optional[str], from_file: Optional[str], batch_size: int) -> list[list[str]]:

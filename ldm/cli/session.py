@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Mapping
+from typing import Any, ContextManager, Mapping, Optional, Sequence
 
 import torch
 
 import ldm
 from ldm import accel
 from ldm.cli.hashing import BackgroundHash
+from ldm.cli.model_files import ModelFiles, apply_model_files
 from ldm.cli.runtime import (
     check_compile_available,
     compile_unet,
@@ -27,6 +28,7 @@ from ldm.cli.writer import ImageWriter
 from ldm.models.diffusion.registry import make_sampler
 from ldm.models.diffusion.sampler_names import sampler_label
 from ldm.models.offload import enable_offload
+from ldm.prompts import encode_prompt_pair
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +43,17 @@ class Session:
     device: torch.device
     writer: ImageWriter
     checkpoint_hash: BackgroundHash
+    model_files: ModelFiles = field(default_factory=ModelFiles)
 
     def precision(self) -> ContextManager:
         """A fresh context for the model's forward passes at the requested precision."""
         return precision_context(self.opt.precision, self.device)
+
+    def conditioning(self, prompts: Sequence[str], negative_prompts: Optional[Sequence[str]]
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(c, uc) of a batch: long prompts in chunks unless --truncate_prompts, emphasis with --prompt_weighting."""
+        return encode_prompt_pair(self.model, prompts, negative_prompts, weighting=self.opt.prompt_weighting,
+                                  truncate=self.opt.truncate_prompts)
 
     def fields(self, seed: int, size: tuple[int, int], **extra: Any) -> dict[str, Any]:
         """The `parameters` fields of one sample (web-UI names first, then this project's)."""
@@ -55,7 +64,10 @@ class Session:
             "Size": f"{size[0]}x{size[1]}", "Model hash": self.checkpoint_hash.short(),
             "Model": Path(opt.ckpt).stem,
         }
+        fields.update(self.model_files.fields())
         fields.update(extra)
+        if opt.prompt_weighting:
+            fields["Emphasis"] = "Original"  # AUTOMATIC1111's name for this emphasis
         if opt.sampler == "ddim":
             fields["Eta"] = opt.ddim_eta
         fields["Precision"] = opt.precision
@@ -86,6 +98,7 @@ def open_session(opt: argparse.Namespace, config: Mapping[str, Any]) -> Session:
     # With --lowvram the model loads into CPU memory, and only its small rest moves to the device now.
     cpu = torch.device("cpu")
     model = load_model(config, opt.ckpt, cpu if opt.lowvram else device, opt.embedding_path, opt.precision)
+    model_files = apply_model_files(model, opt)
     if not opt.no_accel:
         accel.optimize(model, device)
     if opt.lowvram:
@@ -107,4 +120,4 @@ def open_session(opt: argparse.Namespace, config: Mapping[str, Any]) -> Session:
     logger.info("sampling on %s (%s precision) with %s", device, opt.precision,
                 sampler_label(opt.sampler, opt.schedule))
     return Session(opt=opt, model=model, sampler=make_sampler(opt.sampler, model, opt.schedule), device=device,
-                   writer=writer, checkpoint_hash=checkpoint_hash)
+                   writer=writer, checkpoint_hash=checkpoint_hash, model_files=model_files)

@@ -9,10 +9,13 @@ Two ways, by the model:
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+# (prompts, negative prompts or None) -> (c, uc or None), e.g. ldm.prompts.encode_prompt_pair bound to a model
+PromptEncoder = Callable[[list[str], Optional[list[str]]], tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
 def is_inpainting_model(model: Any) -> bool:
@@ -29,17 +32,23 @@ def latent_keep_mask(repaint: torch.Tensor, factor: int) -> torch.Tensor:
 @torch.no_grad()
 def inpaint(model: Any, sampler: Any, image: torch.Tensor, repaint: torch.Tensor, prompts: Sequence[str],
             steps: int, guidance_scale: float = 7.5, negative_prompt: str = "", strength: float = 1.0,
-            factor: int = 8, verbose: bool = True, **sampler_options: Any) -> torch.Tensor:
+            factor: int = 8, verbose: bool = True, encode_prompts: Optional[PromptEncoder] = None,
+            **sampler_options: Any) -> torch.Tensor:
     """Latents of `image` (1 or len(prompts), 3, H, W) in [-1, 1] with the region where `repaint` (the same batch,
     1 channel) is 1 sampled under each prompt, in `steps` steps of `sampler` (any sampler class of this package).
     `strength` below 1 starts from the image's own latent noised to step int(strength * steps), as img2img; `factor`
-    is the autoencoder's downsampling factor. `sampler_options` go to the sampler (e.g. DDIM's eta)."""
+    is the autoencoder's downsampling factor. `encode_prompts` encodes the prompts (default: the model's
+    `get_learned_conditioning`, the original's). `sampler_options` go to the sampler (e.g. DDIM's eta)."""
     n = len(prompts)
     if image.shape[0] != n:
         image, repaint = image.expand(n, -1, -1, -1), repaint.expand(n, -1, -1, -1)
     latent = model.get_first_stage_encoding(model.encode_first_stage(image))
-    c = model.get_learned_conditioning(list(prompts))
-    uc = model.get_learned_conditioning(n * [negative_prompt]) if guidance_scale != 1.0 else None
+    negatives = n * [negative_prompt] if guidance_scale != 1.0 else None
+    if encode_prompts is None:
+        c = model.get_learned_conditioning(list(prompts))
+        uc = None if negatives is None else model.get_learned_conditioning(negatives)
+    else:
+        c, uc = encode_prompts(list(prompts), negatives)
     if is_inpainting_model(model):
         concat = model.inpainting_concat(image, repaint)
         c = {"c_concat": [concat], "c_crossattn": [c]}
