@@ -17,7 +17,9 @@ SAMPLERS = ("ldm.models.diffusion.ddim", "ldm.models.diffusion.plms", "ldm.model
 MODEL_LAYER = ("ldm.models", "ldm.modules")
 ABOVE_THE_MODEL = ("ldm.data", "ldm.training", "ldm.cli", "ldm.lightning", "ldm.prompts", *SAMPLERS)
 HELPERS = ("ldm.util", "ldm.errors", "ldm.config_files", "ldm.safetensors_mmap", "ldm.schedule_buffers",
-           "ldm.placeholder_tokens", "ldm.lr_scheduler", "ldm.demo", "ldm.checkpoint")
+           "ldm.placeholder_tokens", "ldm.lr_scheduler", "ldm.demo", "ldm.checkpoint", "ldm.original_names",
+           "ldm.lora", "ldm.lora.files", "ldm.lora.layers", "ldm.lora.targets", "ldm.lora.architecture",
+           "ldm.lora.merge", "ldm.vae_files")
 
 
 def module_name(path: Path, root: Path) -> str:

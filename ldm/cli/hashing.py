@@ -1,6 +1,7 @@
-"""The checkpoint hash written into each PNG: the first 10 hex digits of the file's SHA-256 (the
-'Model hash' of the popular web UIs). A multi-gigabyte file is hashed in a background thread while
-the model loads and samples, and the result is cached by path, size and modification time."""
+"""The file hashes written into each PNG: the first 10 hex digits of the file's SHA-256 (the 'Model hash' and
+'VAE hash' of the popular web UIs; LoRAs get their own, see `lora_short_hash`). A multi-gigabyte file is hashed
+in a background thread while the model loads and samples, and the result is cached by path, size and
+modification time."""
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +11,12 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 logger = logging.getLogger(__name__)
 
 SHORT_LENGTH = 10
+LORA_SHORT_LENGTH = 12  # the web UIs' LoRA "shorthash"
 CHUNK = 1 << 22
 
 
@@ -49,19 +51,38 @@ def _write_cache(key: str, digest: str) -> None:
         logger.debug("cannot cache the checkpoint hash in %s: %s", target, error)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of a file, from the cache when the file has not changed."""
-    path = Path(path)
-    key = _cache_key(path)
+def _sha256_from(path: Path, start: int, cache_suffix: str) -> str:
+    """The hex SHA-256 of a file's bytes from `start` on, from the cache when the file has not changed."""
+    key = _cache_key(path) + cache_suffix
     cached = _read_cache().get(key)
     if cached:
         return cached
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
+        stream.seek(start)
         for block in iter(lambda: stream.read(CHUNK), b""):
             digest.update(block)
     _write_cache(key, digest.hexdigest())
     return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a file, from the cache when the file has not changed."""
+    return _sha256_from(Path(path), 0, "")
+
+
+def lora_short_hash(path: str | os.PathLike, metadata: Mapping[str, str]) -> str:
+    """The hash the web UIs write for a LoRA in 'Lora hashes' (12 hex digits): the file's own `sshs_model_hash`
+    if it records one, else for .safetensors kohya's "addnet" hash (the SHA-256 of the tensor data after the
+    header, Civitai's AutoV3), else the SHA-256 of the whole file."""
+    path = Path(path)
+    if metadata.get("sshs_model_hash"):
+        return metadata["sshs_model_hash"][:LORA_SHORT_LENGTH]
+    if path.suffix.lower() != ".safetensors":
+        return sha256_file(path)[:LORA_SHORT_LENGTH]
+    with open(path, "rb") as stream:
+        header_size = int.from_bytes(stream.read(8), "little")
+    return _sha256_from(path, 8 + header_size, "|addnet")[:LORA_SHORT_LENGTH]
 
 
 class BackgroundHash:
