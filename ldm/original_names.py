@@ -33,7 +33,7 @@ def unet_names(key_ndims: Mapping[str, int], layers_per_block: int) -> dict[str,
 
 
 def text_encoder_names(key_ndims: Mapping[str, int]) -> dict[str, str]:
-    """transformers CLIPTextModel key (`text_model.…`) -> the full original key (`cond_stage_model.transformer.…`)."""
+    """transformers CLIPTextModel key (`text_model.…`) -> the original key (`cond_stage_model.transformer.…`)."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
     return trace_conversion(convert_ldm_clip_checkpoint, key_ndims)
