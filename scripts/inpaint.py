@@ -48,7 +48,7 @@ from ldm.errors import UserInputError
 DEFAULT_OUTDIR = "outputs/inpainting-samples"
 LDM_INPAINTING_CONFIG = "models/ldm/inpainting_big/config.yaml"
 LDM_INPAINTING_CKPT = "models/ldm/inpainting_big/last.ckpt"
-SD_ONLY_FLAGS = ("init_img", "mask", "outpaint", "invert_mask")
+SD_ONLY_FLAGS = ("init_img", "mask", "outpaint", "invert_mask", "lora", "vae")
 
 
 def _add_image_arguments(parser: argparse.ArgumentParser) -> None:

@@ -130,3 +130,10 @@ def test_lora_argument_splits_only_a_numeric_weight(text, parsed):
 def test_every_sampling_script_takes_the_flags(files, script):
     run = run_script(script, "--help", tmp=files[0])
     assert run.returncode == 0 and "--lora PATH[:WEIGHT]" in run.stdout and "--vae PATH" in run.stdout
+
+
+def test_the_ldm_indir_inpainting_mode_refuses_them(files):
+    tmp, _, lora, _ = files
+    run = run_script("inpaint.py", "--indir", tmp, "--outdir", tmp / "indir", "--lora", lora, tmp=tmp)
+    assert run.returncode == 2 and "--lora" in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert snapshot(tmp / "indir") == {}
