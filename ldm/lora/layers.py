@@ -136,8 +136,8 @@ def read_layers(lora: LoraFile) -> list[LoraLayer]:
         if split is None:
             unknown.append(key)
             continue
-        module, role = split
-        layer = layers.setdefault(_normalise(module), LoraLayer(name=_normalise(module)))
+        module, role = _normalise(split[0]), split[1]
+        layer = layers.setdefault(module, LoraLayer(name=module))
         if role == "alpha":
             layer.alpha = float(tensor.item())
         else:
