@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from ldm.checkpoint import model_config_section, read_checkpoint
+from ldm.diffusers_folder import inspect_folder, is_diffusers_folder
 from ldm.errors import CheckpointError
 from ldm.safetensors_mmap import SafetensorsFormatError, read_header
 
@@ -40,13 +41,15 @@ def checkpoint_input_channels(ckpt: Checkpoint) -> Optional[int]:
     `model.diffusion_model.input_blocks.0.0.weight` (not a Stable Diffusion checkpoint).
 
     `ckpt` is a path (`.safetensors`: only the header is read; `.ckpt`: unpickled weights-only and memory-mapped,
-    so the weights are not read) or a state dict (a Lightning checkpoint dict with `state_dict` works too).
+    so the weights are not read; a diffusers folder: its unet/config.json) or a state dict (a Lightning checkpoint dict with `state_dict` works too).
     Raises `CheckpointError` for a missing or unreadable file."""
     if isinstance(ckpt, Mapping):
         state = ckpt.get("state_dict", ckpt)
         tensor = state.get(INPUT_CONV_KEY) if isinstance(state, Mapping) else None
         return int(tensor.shape[1]) if isinstance(tensor, torch.Tensor) and tensor.ndim == 4 else None
     path = Path(ckpt)
+    if is_diffusers_folder(path):
+        return inspect_folder(path).in_channels
     if path.is_file() and path.stat().st_size > 0 and _is_safetensors(path):
         try:
             header, _, _ = read_header(path)

@@ -19,7 +19,8 @@ ABOVE_THE_MODEL = ("ldm.data", "ldm.training", "ldm.cli", "ldm.lightning", "ldm.
 HELPERS = ("ldm.util", "ldm.errors", "ldm.config_files", "ldm.safetensors_mmap", "ldm.schedule_buffers",
            "ldm.placeholder_tokens", "ldm.lr_scheduler", "ldm.demo", "ldm.checkpoint", "ldm.original_names",
            "ldm.lora", "ldm.lora.files", "ldm.lora.layers", "ldm.lora.targets", "ldm.lora.architecture",
-           "ldm.lora.merge", "ldm.vae_files")
+           "ldm.lora.merge", "ldm.vae_files", "ldm.inpainting_checkpoint", "ldm.diffusers_folder",
+           "ldm.diffusers_format")
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -423,11 +423,17 @@ def resolve_model_paths(opt: argparse.Namespace, outdir: str) -> None:
 
 
 def check_checkpoint_exists(opt: argparse.Namespace) -> None:
-    """A missing checkpoint file is reported with where the weights come from."""
+    """A missing checkpoint file is reported with where the weights come from; a diffusers folder must have every
+    part the model loads (ldm.diffusers_folder: JSON files only, nothing loads yet)."""
+    from ldm.diffusers_folder import inspect_folder, is_diffusers_folder
+
     path = Path(opt.ckpt)
     if path.is_file():
         return
-    what = "is a directory" if path.is_dir() else "not found"
+    if is_diffusers_folder(path):
+        inspect_folder(path)
+        return
+    what = "is a directory but not a diffusers folder (no model_index.json)" if path.is_dir() else "not found"
     if opt.demo:
         hint = ("the demo model ships with this repository: restore models/demo from git, or train it as "
                 "README.md describes, or pass --ckpt PATH")

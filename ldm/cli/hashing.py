@@ -1,7 +1,8 @@
 """The file hashes written into each PNG: the first 10 hex digits of the file's SHA-256 (the 'Model hash' and
 'VAE hash' of the popular web UIs; LoRAs get their own, see `lora_short_hash`). A multi-gigabyte file is hashed
 in a background thread while the model loads and samples, and the result is cached by path, size and
-modification time."""
+modification time. A diffusers folder's hash is the SHA-256 of the list of its weight files' hashes
+(`sha256_folder`)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,9 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Mapping, Optional
+
+from ldm.diffusers_folder import inspect_folder
+from ldm.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,15 @@ def lora_short_hash(path: str | os.PathLike, metadata: Mapping[str, str]) -> str
     return _sha256_from(path, 8 + header_size, "|addnet")[:LORA_SHORT_LENGTH]
 
 
+def sha256_folder(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of a diffusers folder: of one line per weight file, '<its SHA-256>  <part>/<name>', in the
+    order unet, vae, text_encoder; each file's hash is cached as `sha256_file`'s."""
+    folder = inspect_folder(path)
+    lines = [f"{sha256_file(file)}  {file.relative_to(folder.path).as_posix()}"
+             for files in folder.weights.values() for file in files]
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
 class BackgroundHash:
     """Hashes a file in a daemon thread (so Ctrl-C never waits for it); `short()` waits for the result."""
 
@@ -95,8 +108,8 @@ class BackgroundHash:
 
     def _run(self, path: Path) -> None:
         try:
-            self._result = sha256_file(path)
-        except OSError as error:
+            self._result = sha256_folder(path) if path.is_dir() else sha256_file(path)
+        except (OSError, CheckpointError) as error:
             logger.warning("cannot hash %s: %s", path, error)
 
     def short(self) -> Optional[str]:

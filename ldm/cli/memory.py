@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from ldm.cli.geometry import ModelGeometry
-from ldm.errors import UserInputError
+from ldm.diffusers_folder import inspect_folder, is_diffusers_folder
+from ldm.errors import CheckpointError, UserInputError
 
 UNET_ELEMENTS_PER_LATENT_PIXEL_PER_CHANNEL = 26  # per row of the UNet's batch (a guided sample is two rows)
 DECODER_ELEMENTS_PER_PIXEL_PER_CHANNEL = 5  # per sample, for a decode of the whole image at once
@@ -127,8 +128,9 @@ def _square_hint(pixels: int, multiple: int) -> str:
 
 
 def checkpoint_bytes(path: str) -> int:
-    """The size of a checkpoint file: what its weights take once loaded, give or take their dtype."""
+    """The size of a checkpoint file, or of a diffusers folder's weight files: what the weights take once loaded,
+    give or take their dtype."""
     try:
-        return os.path.getsize(path)
-    except OSError:
+        return inspect_folder(path).weight_bytes() if is_diffusers_folder(path) else os.path.getsize(path)
+    except (OSError, CheckpointError):
         return 0

@@ -115,9 +115,15 @@ def load_model(config: Mapping[str, Any], ckpt: str, device: torch.device,
                embedding_paths: Optional[Sequence[str]] = None, precision: str = "full") -> Any:
     """The model of `config` with the weights of `ckpt` on `device`, with textual-inversion embeddings attached.
     With precision 'fp16' or 'bf16' the weights are stored in that type (the noise schedule stays float32);
-    otherwise in float32, as the original keeps them under autocast."""
+    otherwise in float32, as the original keeps them under autocast. `ckpt` may be a diffusers folder, converted
+    in memory (ldm.diffusers_format)."""
     logger.info("loading model from %s", ckpt)
-    model = load_model_from_config(config, ckpt, device=device, dtype=WEIGHT_DTYPES.get(precision))
+    weights: Any = ckpt
+    if os.path.isdir(ckpt):
+        from ldm.diffusers_format import read_diffusers_folder
+
+        weights = read_diffusers_folder(ckpt, config, config_name="--config")
+    model = load_model_from_config(config, weights, device=device, dtype=WEIGHT_DTYPES.get(precision))
     if embedding_paths:
         try:
             from ldm.modules.embedding_manager import attach_embeddings
