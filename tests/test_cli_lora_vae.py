@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from ldm.cli.common import lora_argument
+from ldm.cli.hashing import lora_short_hash
 from ldm.cli.outputs import parse_infotext
 from tests.cli_support import FAST, parameters, pixels, run_script, snapshot, write_tiny_checkpoint
 from tests.model_factory import random_tiny_model
@@ -137,3 +138,12 @@ def test_the_ldm_indir_inpainting_mode_refuses_them(files):
     run = run_script("inpaint.py", "--indir", tmp, "--outdir", tmp / "indir", "--lora", lora, tmp=tmp)
     assert run.returncode == 2 and "--lora" in run.stderr and len(run.stderr.strip().splitlines()) == 1
     assert snapshot(tmp / "indir") == {}
+
+
+def test_lora_hash_prefers_the_recorded_one_and_hashes_pickles_whole(files, monkeypatch):
+    tmp = files[0]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp / "hash-cache"))
+    assert lora_short_hash(files[2], {"sshs_model_hash": "0123456789abcdef"}) == "0123456789ab"
+    pickled = tmp / "style.pt"
+    torch.save(_lora(2), pickled)
+    assert lora_short_hash(pickled, {}) == hashlib.sha256(pickled.read_bytes()).hexdigest()[:12]
