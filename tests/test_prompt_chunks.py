@@ -203,3 +203,22 @@ def test_inpainting_takes_the_prompt_encoder(clip_model):
     chunked, original = run(encode_prompts=encoder), run()
     assert calls == [([long], [""])]
     assert chunked.shape == original.shape and not torch.equal(chunked, original)
+
+
+def test_a_clip_tokenizer_from_a_transformers_directory(tmp_path):
+    from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+    tokens = ["a", "c", "t", ",", "a</w>", "c</w>", "t</w>", ",</w>", "at</w>", "cat</w>", "<|startoftext|>",
+              "<|endoftext|>"]
+    (tmp_path / "vocab.json").write_text("{" + ", ".join(f'"{t}": {i}' for i, t in enumerate(tokens)) + "}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na t</w>\nc at</w>\n")
+    embedder = FrozenCLIPEmbedder(version=str(tmp_path), text_config={
+        "vocab_size": len(tokens), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2})
+    form = chunk_format(embedder)
+    assert (form.start_id, form.end_id, form.pad_id, form.length, form.comma_id) == (10, 11, 11, 77, 7)
+    prompt = "a cat, cat"
+    ids = form.ids(prompt_chunks(prompt, form, {})[0])
+    assert ids == embedder.token_ids(prompt)[0] and ids[:6] == [10, 4, 9, 7, 9, 11]
+    with torch.no_grad():
+        assert torch.equal(embedder(torch.tensor([ids])), embedder([prompt]))
