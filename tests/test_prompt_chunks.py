@@ -12,7 +12,7 @@ from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.prompts import encode_prompt_pair
 from ldm.prompts.chunking import BREAK, Token, split_into_chunks
 from ldm.prompts.conditioning import prompt_chunks
-from ldm.prompts.tokenizers import chunk_format
+from ldm.prompts.encoders import chunk_format
 from tests.model_factory import random_tiny_model, tiny_config
 
 COMMA = 267  # CLIP's ","

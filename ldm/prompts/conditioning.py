@@ -17,13 +17,13 @@ import torch
 
 from ldm.prompts.chunking import BREAK, COMMA_BACKTRACK, Chunk, Token, split_into_chunks, vectors
 from ldm.prompts.parsing import parse_prompt, shortened
-from ldm.prompts.tokenizers import ChunkFormat, chunk_format, content_vectors, placeholder_widths
+from ldm.prompts.encoders import ChunkFormat, chunk_format, content_vectors, placeholder_widths
 from ldm.prompts.weighting import emphasize
 
 logger = logging.getLogger(__name__)
 
 
-def prompt_chunks(prompt: str, chunk_format: ChunkFormat, widths: dict[int, int], weighting: bool = False,
+def prompt_chunks(prompt: str, form: ChunkFormat, widths: dict[int, int], weighting: bool = False,
                   truncate: bool = False) -> list[Chunk]:
     """The chunks of one prompt; with `truncate` only the first, cut at the capacity (the rest dropped, with a
     warning), without the comma preference."""
@@ -33,11 +33,11 @@ def prompt_chunks(prompt: str, chunk_format: ChunkFormat, widths: dict[int, int]
             tokens.append(BREAK)
             continue
         tokens += [Token(token, segment.weight, widths.get(token, 1))
-                   for token in chunk_format.content_ids(segment.text)]
-    chunks = split_into_chunks(tokens, chunk_format.capacity, chunk_format.comma_id,
+                   for token in form.content_ids(segment.text)]
+    chunks = split_into_chunks(tokens, form.capacity, form.comma_id,
                                comma_backtrack=0 if truncate else COMMA_BACKTRACK)
     if truncate and len(chunks) > 1:
-        _warn_truncated(prompt, sum(vectors(chunk) for chunk in chunks[1:]), chunk_format.capacity)
+        _warn_truncated(prompt, sum(vectors(chunk) for chunk in chunks[1:]), form.capacity)
         chunks = chunks[:1]
     return chunks
 
@@ -48,16 +48,15 @@ def _warn_truncated(prompt: str, dropped: int, capacity: int) -> None:
                    shortened(prompt), capacity, dropped)
 
 
-def encode_chunks(model: Any, chunk_format: ChunkFormat, batch: Sequence[Sequence[Chunk]], count: int
-                  ) -> torch.Tensor:
+def encode_chunks(model: Any, form: ChunkFormat, batch: Sequence[Sequence[Chunk]], count: int) -> torch.Tensor:
     """The conditioning [B, length * count, width] of a batch of chunked prompts, each padded to `count` chunks
     with empty ones; chunk i of every prompt goes through `model.get_learned_conditioning` together."""
     outputs = []
     for index in range(count):
-        chunks = [chunks[index] if index < len(chunks) else [] for chunks in batch]
-        ids = torch.tensor([chunk_format.ids(chunk) for chunk in chunks], dtype=torch.long)
+        chunks = [prompt[index] if index < len(prompt) else [] for prompt in batch]
+        ids = torch.tensor([form.ids(chunk) for chunk in chunks], dtype=torch.long)
         z = model.get_learned_conditioning(ids)
-        weights = torch.tensor([chunk_format.weights(chunk) for chunk in chunks], device=z.device)
+        weights = torch.tensor([form.weights(chunk) for chunk in chunks], device=z.device)
         outputs.append(emphasize(z, weights))
     return torch.cat(outputs, dim=1)
 

@@ -70,6 +70,6 @@ def placeholder_widths(model: Any) -> dict[int, int]:
             for string, token in manager.string_to_token_dict.items()}
 
 
-def content_vectors(chunk_format: ChunkFormat, widths: dict[int, int], texts: Sequence[str]) -> int:
+def content_vectors(form: ChunkFormat, widths: dict[int, int], texts: Sequence[str]) -> int:
     """How many token vectors `texts` make together (placeholders count their vectors)."""
-    return sum(widths.get(token, 1) for text in texts for token in chunk_format.content_ids(text))
+    return sum(widths.get(token, 1) for text in texts for token in form.content_ids(text))
