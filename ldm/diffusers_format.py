@@ -51,6 +51,7 @@ PART_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
 TEXT_MODEL_PREFIX = "text_model."
 EMA_PREFIX = "model_ema."
 SCALE_FACTOR_KEY = "scale_factor"
+SCHEDULE_TYPE = "scaled_linear"  # diffusers' name for the original's "linear" schedule (linear in sqrt(beta))
 CLIP_EMBEDDER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 KL_AUTOENCODER = "ldm.models.autoencoder.AutoencoderKL"
 DIFFUSION_MODELS = ("ldm.models.diffusion.ddpm.LatentDiffusion", "ldm.models.diffusion.ddpm.LatentInpaintDiffusion")
@@ -294,7 +295,14 @@ def check_folder_fits(folder: DiffusersFolder, plan: ConversionPlan, config_name
                                   f"{'; '.join(differences[:2])}; {hint}")
 
 
-def _warn_on_other_schedule(folder: DiffusersFolder, plan: ConversionPlan) -> None:
+def _warn_on_other_constants(folder: DiffusersFolder, plan: ConversionPlan) -> None:
+    """The folder's latent scale and noise schedule are not weights: the config's are used, with a warning where
+    they differ."""
+    latent_scale = folder.configs["vae"].get("scaling_factor")
+    keeps_scale = SCALE_FACTOR_KEY in plan.template.state_dict()
+    if latent_scale is not None and not keeps_scale and latent_scale != plan.params.get("scale_factor", 1.0):
+        logger.warning("the vae of %s has scaling_factor %s: the model is sampled with the config's scale_factor %s",
+                       folder.path, latent_scale, plan.params.get("scale_factor", 1.0))
     scheduler = folder.path / "scheduler" / "scheduler_config.json"
     if not scheduler.is_file():
         return
@@ -303,7 +311,7 @@ def _warn_on_other_schedule(folder: DiffusersFolder, plan: ConversionPlan) -> No
     except (OSError, ValueError):
         return
     ours = {"beta_start": plan.params.get("linear_start"), "beta_end": plan.params.get("linear_end"),
-            "num_train_timesteps": plan.params.get("timesteps", 1000)}
+            "num_train_timesteps": plan.params.get("timesteps", 1000), "beta_schedule": SCHEDULE_TYPE}
     differences = _differences(theirs, ours, tuple(ours))
     if differences:
         logger.warning("the scheduler of %s has %s: the model is sampled with the config's noise schedule",
@@ -326,7 +334,7 @@ def read_diffusers_folder(path: str | os.PathLike, config: Any, config_name: Opt
     plan = plan_conversion(config)
     name = config_name or (str(config) if isinstance(config, (str, os.PathLike)) else "the config")
     check_folder_fits(folder, plan, name)
-    _warn_on_other_schedule(folder, plan)
+    _warn_on_other_constants(folder, plan)
     parts = {part: read_part(files) for part, files in folder.weights.items()}
     return from_diffusers(parts, plan, folder.configs["vae"].get("scaling_factor"), source=str(folder.path))
 

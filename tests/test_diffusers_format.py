@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from ldm.cli.common import run_cli
 from ldm.cli.hashing import sha256_folder
 from ldm.cli.memory import checkpoint_bytes
-from ldm.diffusers_format import default_config, from_diffusers, plan_conversion, to_diffusers, to_half
+from ldm.diffusers_format import (default_config, from_diffusers, plan_conversion, read_diffusers_folder, to_diffusers,
+                                  to_half)
 from ldm.inpainting_checkpoint import checkpoint_input_channels
 from ldm.util import instantiate_from_config
 from tests.cli_support import FAST, load_script, pixels, write_tiny_checkpoint
@@ -241,3 +242,14 @@ def test_full_size_sd_v1_round_trip_is_bit_exact(tmp_path):
     back = load_file(str(tmp_path / "back.safetensors"))
     assert {key: list(value.shape) for key, value in back.items()} == SD_V1_KEYS
     assert all(torch.equal(back[key], state[key]) for key in state)
+
+
+def test_a_folder_with_another_schedule_or_latent_scale_loads_with_a_warning(caplog, copy_of, ckpt):
+    for path, key, value in (("scheduler/scheduler_config.json", "beta_end", 0.02),
+                             ("vae/config.json", "scaling_factor", 0.13025)):
+        config = json.loads((copy_of / path).read_text())
+        (copy_of / path).write_text(json.dumps({**config, key: value}))
+    with caplog.at_level("WARNING", logger="ldm"):
+        state = read_diffusers_folder(copy_of, TINY_SD_CONFIG)
+    assert "beta_end 0.02 (the config's model: 0.012)" in caplog.text and "scaling_factor 0.13025" in caplog.text
+    assert all(torch.equal(state[key], value) for key, value in load_file(str(ckpt)).items())

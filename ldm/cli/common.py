@@ -211,7 +211,8 @@ def add_original_sampling_arguments(parser: argparse.ArgumentParser, defaults: O
         ("--config", dict(type=str, default=None,
                           help=f"path to config which constructs model (default: {SD_CONFIG})")),
         ("--ckpt", dict(type=str, default=None,
-                        help=f"path to checkpoint of model, .ckpt or .safetensors (default: {SD_CKPT})")),
+                        help="path to checkpoint of model, .ckpt or .safetensors, or a diffusers folder "
+                             f"(docs/diffusers.md) (default: {SD_CKPT})")),
         ("--seed", dict(type=seed_int, default=42,
                         help="the seed (for reproducible sampling) (default: %(default)s)")),
         ("--precision", dict(type=str, choices=("full", "autocast", "bf16", "fp16"), default="autocast",

@@ -22,11 +22,10 @@ from typing import Any, Mapping
 
 import torch
 
-from ldm.diffusers_format import ConversionPlan
+from ldm.diffusers_format import SCHEDULE_TYPE, ConversionPlan
 from ldm.errors import UserInputError
 
 MERGES_HEADER = "#version: 0.2"
-SCHEDULE_TYPE = "scaled_linear"  # diffusers' name for the original's "linear" (linear in sqrt(beta))
 
 
 def check_new_output(path: str | os.PathLike, folder: bool) -> Path:

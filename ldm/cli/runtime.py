@@ -122,7 +122,7 @@ def load_model(config: Mapping[str, Any], ckpt: str, device: torch.device,
     if os.path.isdir(ckpt):
         from ldm.diffusers_format import read_diffusers_folder
 
-        weights = read_diffusers_folder(ckpt, config, config_name="--config")
+        weights = read_diffusers_folder(ckpt, config, config_name="the model of --config")
     model = load_model_from_config(config, weights, device=device, dtype=WEIGHT_DTYPES.get(precision))
     if embedding_paths:
         try:
