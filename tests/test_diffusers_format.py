@@ -4,6 +4,7 @@ schedule), the SD v1 key set, the sampling scripts on a folder, and what is refu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -253,3 +254,13 @@ def test_a_folder_with_another_schedule_or_latent_scale_loads_with_a_warning(cap
         state = read_diffusers_folder(copy_of, TINY_SD_CONFIG)
     assert "beta_end 0.02 (the config's model: 0.012)" in caplog.text and "scaling_factor 0.13025" in caplog.text
     assert all(torch.equal(state[key], value) for key, value in load_file(str(ckpt)).items())
+
+
+def test_outputs_get_the_usual_permissions(folder, tmp_path):
+    """Built under temporary names (tempfile makes them private), they end with the modes mkdir and open give."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = tmp_path / "out.safetensors"
+    assert convert("convert_from_diffusers.py", folder, out, "--config", TINY_SD_CONFIG) == 0
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -42,6 +42,14 @@ def check_new_output(path: str | os.PathLike, folder: bool) -> Path:
     return path
 
 
+def _creation_mode(base: int) -> int:
+    """`base` (0o777 for a directory, 0o666 for a file) under the process umask, as mkdir and open apply it;
+    tempfile's own modes are private (0o700, 0o600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return base & ~umask
+
+
 def _dump_json(path: Path, value: Mapping[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -131,6 +139,7 @@ def write_diffusers_folder(target: str | os.PathLike, parts: Mapping[str, Mappin
     target.absolute().parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(dir=target.absolute().parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
+        os.chmod(building, _creation_mode(0o777))
         _fill_folder(building, parts, plan, latent_scale, dtype)
         os.rename(building, target)  # fails if something else has meanwhile put files there
     except OSError as error:
@@ -149,6 +158,7 @@ def save_new_safetensors(target: str | os.PathLike, tensors: Mapping[str, torch.
     os.close(handle)
     try:
         _save_tensors(Path(temporary), tensors)
+        os.chmod(temporary, _creation_mode(0o666))
         try:
             os.link(temporary, target)
         except FileExistsError as error:
