@@ -45,7 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     from ldm.cli.diffusers_files import save_new_safetensors
     from ldm.diffusers_folder import inspect_folder
-    from ldm.diffusers_format import default_config, read_diffusers_folder, to_half
+    from ldm.diffusers_format import to_half
+    from ldm.diffusers_loading import default_config, read_diffusers_folder
 
     folder = inspect_folder(opt.folder)
     config = opt.config or default_config(folder.in_channels)

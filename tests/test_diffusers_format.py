@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from ldm.cli.common import run_cli
 from ldm.cli.hashing import sha256_folder
 from ldm.cli.memory import checkpoint_bytes
-from ldm.diffusers_format import (default_config, from_diffusers, plan_conversion, read_diffusers_folder, to_diffusers,
-                                  to_half)
+from ldm.diffusers_format import from_diffusers, plan_conversion, to_diffusers, to_half
+from ldm.diffusers_loading import default_config, read_diffusers_folder
 from ldm.inpainting_checkpoint import checkpoint_input_channels
 from ldm.util import instantiate_from_config
 from tests.cli_support import FAST, load_script, pixels, write_tiny_checkpoint

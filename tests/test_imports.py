@@ -20,7 +20,7 @@ HELPERS = ("ldm.util", "ldm.errors", "ldm.config_files", "ldm.safetensors_mmap",
            "ldm.placeholder_tokens", "ldm.lr_scheduler", "ldm.demo", "ldm.checkpoint", "ldm.original_names",
            "ldm.lora", "ldm.lora.files", "ldm.lora.layers", "ldm.lora.targets", "ldm.lora.architecture",
            "ldm.lora.merge", "ldm.vae_files", "ldm.inpainting_checkpoint", "ldm.diffusers_folder",
-           "ldm.diffusers_format")
+           "ldm.diffusers_format", "ldm.diffusers_loading")
 
 
 def module_name(path: Path, root: Path) -> str:

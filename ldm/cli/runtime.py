@@ -116,11 +116,11 @@ def load_model(config: Mapping[str, Any], ckpt: str, device: torch.device,
     """The model of `config` with the weights of `ckpt` on `device`, with textual-inversion embeddings attached.
     With precision 'fp16' or 'bf16' the weights are stored in that type (the noise schedule stays float32);
     otherwise in float32, as the original keeps them under autocast. `ckpt` may be a diffusers folder, converted
-    in memory (ldm.diffusers_format)."""
+    in memory (ldm.diffusers_loading)."""
     logger.info("loading model from %s", ckpt)
     weights: Any = ckpt
     if os.path.isdir(ckpt):
-        from ldm.diffusers_format import read_diffusers_folder
+        from ldm.diffusers_loading import read_diffusers_folder
 
         weights = read_diffusers_folder(ckpt, config, config_name="the model of --config")
     model = load_model_from_config(config, weights, device=device, dtype=WEIGHT_DTYPES.get(precision))
