@@ -46,7 +46,8 @@ class Command:
     @property
     def runs_offline(self) -> bool:
         """Whether it needs no downloaded weights: the demo model's commands."""
-        return self.in_block and ("--demo" in self.args or self.script in DEMO_SCRIPTS)
+        return self.in_block and ("--demo" in self.args or self.script in DEMO_SCRIPTS
+                                  or any(arg.startswith("models/demo/") for arg in self.args))
 
     def __str__(self) -> str:
         return f"README.md:{self.line} ({self.section}): {shlex.join([self.script, *self.args])}"
