@@ -1,0 +1,66 @@
+"""The metrics' pretrained weights: one file each, downloaded once into the cache its library uses and read from
+there afterwards. Offline, a missing file is a `UserInputError` that names the file, its URL and the path to put
+it at, so that it can be copied over from a machine that has it."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.errors import UserInputError, first_line
+
+logger = logging.getLogger(__name__)
+
+# torch-fidelity's port of the TF FID Inception (pt_inception-2015-12-05), as torch_fidelity.feature_extractor_
+# inceptionv3.URL_INCEPTION_V3 names it; kept here so that the offline message needs no import of the library.
+INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                 "weights-inception-2015-12-05-6726825d.pth")
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A file of weights: what it is (for messages), where it comes from and where it is kept."""
+
+    description: str
+    url: str
+    path: Path
+
+
+def inception_weights() -> WeightsFile:
+    """The FID Inception-v3 weights, in torch hub's checkpoint folder (where torch-fidelity caches them too)."""
+    import torch
+
+    path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
+    return WeightsFile("the FID Inception-v3 weights (TF pt_inception-2015-12-05, torch-fidelity's port)",
+                       INCEPTION_URL, path)
+
+
+def clip_weights(model_name: str) -> WeightsFile:
+    """OpenAI's CLIP weights of an open_clip model name ("ViT-L-14", "ViT-B-32"), in open_clip's (and OpenAI
+    clip's) cache folder ~/.cache/clip."""
+    from open_clip.pretrained import get_pretrained_url
+
+    url = get_pretrained_url(model_name, "openai")
+    if not url:
+        raise UserInputError(f"open_clip has no OpenAI weights for the CLIP model {model_name!r}; use ViT-L-14 or "
+                             "ViT-B-32")
+    path = Path(os.path.expanduser("~/.cache/clip")) / url.rsplit("/", 1)[1]
+    return WeightsFile(f"OpenAI's CLIP {model_name} weights", url, path)
+
+
+def fetch(weights: WeightsFile) -> Path:
+    """`weights.path`, downloaded first when missing (atomically, by torch hub). Raises UserInputError when it
+    is missing and cannot be downloaded (offline), saying which file to put where."""
+    if weights.path.is_file():
+        return weights.path
+    import torch
+
+    logger.info("downloading %s from %s to %s", weights.description, weights.url, weights.path)
+    try:
+        weights.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, str(weights.path), progress=False)
+    except Exception as error:  # offline, blocked, interrupted: the user has to bring the file
+        raise UserInputError(f"{weights.description} are needed and could not be downloaded ({first_line(error)}): "
+                             f"download {weights.url} and save it as {weights.path}") from error
+    return weights.path
