@@ -15,7 +15,7 @@ SAMPLERS = ("ldm.models.diffusion.ddim", "ldm.models.diffusion.plms", "ldm.model
             "ldm.models.diffusion.sigma_schedules", "ldm.models.diffusion.noise_samplers",
             "ldm.models.diffusion.sampler_names")
 MODEL_LAYER = ("ldm.models", "ldm.modules")
-ABOVE_THE_MODEL = ("ldm.data", "ldm.training", "ldm.cli", "ldm.lightning", "ldm.prompts", *SAMPLERS)
+ABOVE_THE_MODEL = ("ldm.data", "ldm.training", "ldm.cli", "ldm.evaluation", "ldm.lightning", "ldm.prompts", *SAMPLERS)
 HELPERS = ("ldm.util", "ldm.errors", "ldm.config_files", "ldm.safetensors_mmap", "ldm.schedule_buffers",
            "ldm.placeholder_tokens", "ldm.lr_scheduler", "ldm.demo", "ldm.checkpoint", "ldm.original_names",
            "ldm.lora", "ldm.lora.files", "ldm.lora.layers", "ldm.lora.targets", "ldm.lora.architecture",

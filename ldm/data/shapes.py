@@ -7,6 +7,7 @@ size and position, captioned through a few templates.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -104,6 +105,24 @@ def random_spec(rng: np.random.Generator, shapes: Sequence[str] = SHAPES, colors
     margin = radius + 2.0
     cx, cy = (float(v) for v in rng.uniform(margin, 64.0 - margin, size=2))
     return ShapeSpec(shape, color, background, cx, cy, radius)
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    fields = {"color": "(?P<color>[a-z]+)", "shape": "(?P<shape>[a-z]+)", "background": "(?P<background>[a-z]+)"}
+    return re.compile("^" + re.escape(template).replace(r"\{", "{").replace(r"\}", "}").format(**fields) + "$")
+
+
+_TEMPLATE_PATTERNS = tuple(_template_pattern(template) for template in TEMPLATES)
+
+
+def parse_caption(caption: str) -> Optional[tuple[str, str, str]]:
+    """(colour, shape, background) of a caption written through one of TEMPLATES, e.g. "a red circle on a blue
+    background"; None for any other text or unknown colours and shapes."""
+    for pattern in _TEMPLATE_PATTERNS:
+        match = pattern.match(caption.strip())
+        if match and match["color"] in COLORS and match["background"] in COLORS and match["shape"] in SHAPES:
+            return match["color"], match["shape"], match["background"]
+    return None
 
 
 class SyntheticShapes(Dataset):
