@@ -1,0 +1,74 @@
+"""The two numbers of Gal et al. 2022 ("An Image is Worth One Word", sec. 5) for the images an embedding
+evaluation stored (ldm.evaluation.textual_inversion), recomputed from disk on every run:
+
+- image similarity (reconstruction): the mean CLIP cosine between the images of the reconstruction prompt (the
+  first, "a photo of S*") and the training images;
+- text similarity (editability): for each editing prompt, the mean CLIP cosine between its images and the prompt
+  with the placeholder left out ("a photo of on the moon"), averaged over the editing prompts.
+
+Both are given for the learned word and for the baseline word, and per prompt, in results.json and results.csv."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from ldm.errors import UserInputError
+from ldm.evaluation.clip_score import CLIPEmbedder, image_image_similarity, text_image_similarity, without_placeholder
+from ldm.evaluation.files import atomic_write_text
+from ldm.evaluation.fid import IMAGE_SUFFIXES
+from ldm.evaluation.textual_inversion import VARIANTS, WORD, EmbeddingProtocol, image_paths
+
+CSV_FIELDS = ("variant", "word", "prompt", "image_similarity", "text_similarity")
+
+
+def training_images(data_root: str | Path) -> list[Path]:
+    """The image files directly inside `data_root` (the embedding's training images), sorted."""
+    folder = Path(data_root)
+    if not folder.is_dir():
+        raise UserInputError(f"--data_root {folder} is not a folder")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserInputError(f"--data_root {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def score(outdir: Path, protocol: EmbeddingProtocol, clip: CLIPEmbedder, training: Sequence[Path]
+          ) -> list[dict[str, Any]]:
+    """One record per variant: its word, the two summary similarities and the per-prompt ones."""
+    training_embeddings = clip.images(list(training))
+    texts = clip.texts([without_placeholder(template, WORD) for template in protocol.prompts])
+    editing = range(1, len(protocol.prompts)) if len(protocol.prompts) > 1 else range(1)
+    records = []
+    for variant, word in enumerate(protocol.words):
+        prompts = []
+        for index, template in enumerate(protocol.prompts):
+            generated = clip.images(image_paths(outdir, protocol, variant, index))
+            prompts.append({"prompt": protocol.prompt(variant, index),
+                            "image_similarity": image_image_similarity(generated, training_embeddings),
+                            "text_similarity": text_image_similarity(generated, texts[index])})
+        records.append({"variant": VARIANTS[variant], "word": word,
+                        "image_similarity": prompts[0]["image_similarity"],
+                        "text_similarity": sum(prompts[i]["text_similarity"] for i in editing) / len(editing),
+                        "prompts": prompts})
+    return records
+
+
+def write_results(outdir: Path, protocol: EmbeddingProtocol, records: Sequence[dict[str, Any]],
+                  clip_model: str, training: Sequence[Path]) -> None:
+    """results.json (protocol, CLIP model, training images, records) and results.csv (one row per variant and
+    prompt, then one summary row per variant with the prompt "all"), each written atomically."""
+    summary = {"protocol": json.loads(protocol.to_json()), "clip_model": clip_model,
+               "training_images": [p.name for p in training], "results": list(records)}
+    atomic_write_text(outdir / "results.json", json.dumps(summary, indent=1) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        for row in record["prompts"]:
+            writer.writerow({"variant": record["variant"], "word": record["word"], **row})
+    for record in records:
+        writer.writerow({key: record[key] for key in CSV_FIELDS if key != "prompt"} | {"prompt": "all"})
+    atomic_write_text(outdir / "results.csv", table.getvalue())
