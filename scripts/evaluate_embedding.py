@@ -119,6 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     if not opt.demo and (opt.embedding_path is None or opt.data_root is None):
         raise UserInputError("give --embedding_path and --data_root (the training images), or --demo")
+    if opt.demo and opt.embedding_path is not None and opt.data_root is None:
+        raise UserInputError("--demo draws the training images of its own embedding only: give --data_root too")
     opt.embedding_path = opt.embedding_path or str(DEMO_EMBEDDING)
     opt.ckpt = opt.ckpt or str(DEMO_CHECKPOINT if opt.demo else SD_CKPT)
     opt.config = opt.config or str(DEMO_CONFIG if opt.demo else SD_CONFIG)
@@ -165,13 +167,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ldm.cli.runtime import load_model, select_device
 
     device = select_device(opt.device)
-    if not opt.metrics_only:
+    if not opt.metrics_only and ti.missing_images(outdir, protocol):
         model = load_model(config, opt.ckpt, device, embedding_paths=[opt.embedding_path], precision=opt.precision)
         written = ti.sample_missing(model, protocol, outdir, opt.batch_size)
         logger.info("%d images sampled into %s", written, outdir)
         del model
-    missing = [str(path) for v in range(len(protocol.words)) for p in range(len(protocol.prompts))
-               for path in ti.image_paths(outdir, protocol, v, p) if not path.is_file()]
+    missing = ti.missing_images(outdir, protocol)
     if missing:
         raise UserInputError(f"{len(missing)} images are missing in {outdir} (first: {missing[0]}); run without "
                              "--metrics_only to sample them")

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -118,6 +118,12 @@ def image_path(outdir: Path, variant: int, prompt: int, index: int) -> Path:
 
 def image_paths(outdir: Path, protocol: EmbeddingProtocol, variant: int, prompt: int) -> list[Path]:
     return [image_path(outdir, variant, prompt, i) for i in range(protocol.n)]
+
+
+def missing_images(outdir: Path, protocol: EmbeddingProtocol) -> list[Path]:
+    """The images of the protocol that are not complete PNGs on disk."""
+    return [path for v in range(len(protocol.words)) for p in range(len(protocol.prompts))
+            for path in image_paths(outdir, protocol, v, p) if not is_complete_png(path)]
 
 
 @torch.no_grad()
