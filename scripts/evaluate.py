@@ -25,7 +25,6 @@ from ldm.cli.common import (
     check_checkpoint_exists,
     check_writable_dir,
     configure_logging,
-    finite_float,
     non_negative_float,
     positive_int,
     run_cli,
@@ -90,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="as in txt2img.py: autocast is fp16 on CUDA, fp32 elsewhere (default: %(default)s)")
     run = parser.add_argument_group("run")
     run.add_argument("--outdir", default=None,
-                     help="where images, protocol.json and results go (default: eval/<first checkpoint's name>)")
+                     help="where images, protocol.json and results go (default: eval/<first checkpoint's name>; "
+                          "eval/demo with --demo)")
     run.add_argument("--batch_size", type=positive_int, default=8,
                      help="images per sampling batch; the same batch size gives the same pixels (default: "
                           "%(default)s)")
@@ -176,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     check_image_size(geometry, opt.H, opt.W)
     if opt.steps > geometry.num_timesteps:
         raise UserInputError(f"--steps must be at most {geometry.num_timesteps} (the model's timesteps)")
-    outdir = Path(opt.outdir or Path("eval") / next(iter(checkpoints)))
+    outdir = Path(opt.outdir or Path("eval") / ("demo" if opt.demo else next(iter(checkpoints))))
     check_writable_dir(outdir)
     sizes = {name: Path(path).stat().st_size if Path(path).is_file() else None for name, path in checkpoints.items()}
     protocol = check_outdir(outdir, Protocol(
