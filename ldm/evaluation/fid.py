@@ -96,18 +96,27 @@ def read_uint8(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
+def square_side(path: Path) -> int:
+    """The side of the square `read_uint8` makes of an image, from its header alone."""
+    try:
+        with Image.open(path) as image:
+            return min(image.size)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserInputError(f"cannot read the image {path} ({error})") from error
+
+
 def image_features(paths: Sequence[Path], extractor: FeatureExtractor, batch_size: int) -> torch.Tensor:
-    """The features [N, D] of the images at `paths`, in order; images of one size are batched together."""
-    sizes: dict[tuple[int, ...], list[int]] = {}
-    images = [read_uint8(path) for path in paths]
-    for index, image in enumerate(images):
-        sizes.setdefault(tuple(image.shape), []).append(index)
-    rows: list[Optional[torch.Tensor]] = [None] * len(images)
+    """The features [N, D] of the images at `paths`, in order. Images of one size are batched together, and at
+    most one batch of images is in memory at a time."""
+    sizes: dict[int, list[int]] = {}
+    for index, path in enumerate(paths):
+        sizes.setdefault(square_side(path), []).append(index)
+    rows: list[Optional[torch.Tensor]] = [None] * len(paths)
     for indices in sizes.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            features = extractor(torch.stack([images[i] for i in chunk])).detach().cpu().to(torch.float32)
-            for i, row in zip(chunk, features):
+            images = torch.stack([read_uint8(paths[i]) for i in chunk])
+            for i, row in zip(chunk, extractor(images).detach().cpu().to(torch.float32)):
                 rows[i] = row
     return torch.stack(rows)  # type: ignore[arg-type]
 
