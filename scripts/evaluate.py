@@ -146,7 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from ldm.evaluation.captions import check_reference_images, demo_captions, read_captions
     from ldm.evaluation.distributed import ranks_from_env
     from ldm.evaluation.metric_set import NEEDS_REFERENCE_IMAGES, parse_metric_names
-    from ldm.evaluation.protocol import Protocol, check_outdir
+    from ldm.evaluation.protocol import Protocol, check_outdir, read_protocol
 
     metrics = parse_metric_names(opt.metrics or ("accuracy" if opt.demo else "fid,clip_score"))
     compute_metrics = not opt.no_metrics
@@ -178,6 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UserInputError(f"--steps must be at most {geometry.num_timesteps} (the model's timesteps)")
     outdir = Path(opt.outdir or Path("eval") / ("demo" if opt.demo else next(iter(checkpoints))))
     check_writable_dir(outdir)
+    if opt.metrics_only and read_protocol(outdir) is None:
+        raise UserInputError(f"--metrics_only scores the images of an evaluation, and {outdir} holds none (no "
+                             "protocol.json): sample first, without --metrics_only")
     sizes = {name: Path(path).stat().st_size if Path(path).is_file() else None for name, path in checkpoints.items()}
     protocol = check_outdir(outdir, Protocol(
         sampler=opt.sampler, schedule=opt.schedule, steps=opt.steps, eta=opt.eta, H=opt.H, W=opt.W, n=n,

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -283,3 +284,32 @@ def test_two_processes_under_torchrun_give_the_images_and_results_of_one(evaluat
     assert snapshot(tmp_path / "two" / "model") == snapshot(tmp_path / "one" / "model")
     for name in ("results.json", "results.csv", "protocol.json"):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
+class MeanPixel:
+    """A stand-in metric under a real metric's name: the mean pixel value of the group."""
+
+    def __init__(self, name: str):
+        self.name, self.higher_is_better = name, name != "fid"
+
+    def compute(self, samples) -> float:
+        return float(sum(np.asarray(Image.open(s.path)).mean() for s in samples) / len(samples))
+
+
+def test_no_metrics_then_metrics_only_gives_fid_against_clip_score(evaluate, capsys, tmp_path, monkeypatch,
+                                                                   one_process):
+    monkeypatch.setattr(ldm.evaluation.run, "build_metrics", lambda names, *args: [MeanPixel(n) for n in names])
+    _, images = coco(tmp_path)
+    outdir = tmp_path / "eval"
+    args = ["--demo", "--n", "2", "--scales", "2,4", "--steps", "2", "--metrics", "fid,clip_score", "--images", images,
+            "--outdir", outdir]
+    code, err = run(evaluate, capsys, *args, "--metrics_only")
+    assert code == 2 and "holds none (no protocol.json)" in one_error_line(err)
+    calls = count_renders(monkeypatch)
+    assert run(evaluate, capsys, *args, "--no_metrics")[0] == 0
+    assert len(calls) == 2 and not (outdir / "results.json").exists()
+    assert run(evaluate, capsys, *args, "--metrics_only")[0] == 0
+    assert len(calls) == 2
+    rows = (outdir / "results.csv").read_text().splitlines()
+    assert rows[0] == "checkpoint,scale,n,clip_score,fid" and len(rows) == 3
+    assert is_complete_png(outdir / "fid_vs_clip.png")

@@ -54,7 +54,8 @@ def run_evaluation(evaluation: Evaluation, ranks: Ranks) -> Optional[list[dict[s
         barrier(ranks, device)
         if not ranks.main:
             return None
-        write_protocol(evaluation.outdir, evaluation.protocol)
+        if evaluation.sample:
+            write_protocol(evaluation.outdir, evaluation.protocol)
         return _score(evaluation, device) if evaluation.metrics else None
     finally:
         leave(ranks)
