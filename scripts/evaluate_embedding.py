@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", default=None,
                         help="a text file of prompt templates, one a line, {} where the word goes; the first is the "
                              "reconstruction prompt (default: the paper's, see docs/evaluation.md)")
-    parser.add_argument("--baseline_word", default="",
-                        help="the word sampled in the placeholder's stead for the baseline (default: none, the "
-                             "prompt without the placeholder)")
+    parser.add_argument("--baseline_word", default=None,
+                        help="the words sampled in the placeholder's stead for the baseline (default: none, the "
+                             "prompt without the placeholder; with --demo, \"purple star\")")
     parser.add_argument("--n", type=positive_int, default=64, help="images per prompt (default: %(default)s)")
     parser.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default: %(default)s)")
     parser.add_argument("--sampler", choices=DETERMINISTIC_SAMPLERS, default="ddim",
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("autocast", "full", "bf16", "fp16"), default="autocast",
                         help="as in txt2img.py (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--no_accel", action="store_true", help="run the model's plain layers (see txt2img.py)")
     parser.add_argument("--metrics_only", action="store_true", help="only score the images on disk")
     return parser
 
@@ -115,7 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     configure_logging()
     from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG, DEMO_EMBEDDING
     from ldm.evaluation import textual_inversion as ti
-    from ldm.evaluation.textual_inversion_scores import score, training_images, write_results
+    from ldm.evaluation.textual_inversion_scores import demo_concept_accuracy, score, training_images, write_results
 
     if not opt.demo and (opt.embedding_path is None or opt.data_root is None):
         raise UserInputError("give --embedding_path and --data_root (the training images), or --demo")
@@ -129,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UserInputError(f"config not found: {opt.config}")
     check_checkpoint_exists(argparse.Namespace(ckpt=opt.ckpt, demo=opt.demo))
     placeholder = choose_placeholder(opt.embedding_path, opt.placeholder)
+    if opt.baseline_word is None:
+        opt.baseline_word = ti.DEMO_BASELINE_WORD if opt.demo and opt.embedding_path == str(DEMO_EMBEDDING) else ""
     if opt.baseline_word == placeholder:
         raise UserInputError(f"--baseline_word is the placeholder {placeholder!r}; give another word, or none")
     templates = ti.read_prompt_templates(opt.prompts) if opt.prompts else (
@@ -169,6 +172,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     device = select_device(opt.device)
     if not opt.metrics_only and ti.missing_images(outdir, protocol):
         model = load_model(config, opt.ckpt, device, embedding_paths=[opt.embedding_path], precision=opt.precision)
+        if not opt.no_accel:
+            from ldm import accel
+
+            accel.optimize(model, device)
         written = ti.sample_missing(model, protocol, outdir, opt.batch_size)
         logger.info("%d images sampled into %s", written, outdir)
         del model
@@ -179,10 +186,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if clip is None:
         clip = load_clip(opt.clip_model, device)
     records = score(outdir, protocol, clip, training)
+    if opt.demo:
+        demo_concept_accuracy(outdir, protocol, records)
     write_results(outdir, protocol, records, clip_name, training)
     for record in records:
-        logger.info("%-8s word %-10r image similarity %.4f  text similarity %.4f", record["variant"],
-                    record["word"], record["image_similarity"], record["text_similarity"])
+        shapes = "".join(f"  {key.replace('_', ' ')} {record[key]:.3f}" for key in ("concept_accuracy", "edit_accuracy")
+                         if key in record)
+        logger.info("%-8s word %-10r image similarity %.4f  text similarity %.4f%s", record["variant"],
+                    record["word"], record["image_similarity"], record["text_similarity"], shapes)
     logger.info("results: %s, %s", outdir / "results.json", outdir / "results.csv")
 
 

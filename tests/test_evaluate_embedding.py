@@ -62,11 +62,12 @@ def test_demo_end_to_end_resumes_and_refuses_another_protocol(script, capsys, tm
     assert code == 0, err
     assert written == [2 * len(ti.DEMO_PROMPTS) * 2]  # learned and baseline, each prompt, 2 images
     results = json.loads((outdir / "results.json").read_text())
-    assert results["protocol"]["words"] == ["*", ""] and results["protocol"]["steps"] == 2
+    assert results["protocol"]["words"] == ["*", "purple star"] and results["protocol"]["steps"] == 2
     learned, baseline = results["results"]
     assert (learned["variant"], baseline["variant"]) == ("learned", "baseline")
     assert [p["prompt"] for p in learned["prompts"]] == [t.format("*") for t in ti.DEMO_PROMPTS]
-    assert baseline["prompts"][1]["prompt"] == "a on a green background"
+    assert baseline["prompts"][1]["prompt"] == "a purple star on a green background"
+    assert all(0 <= record[key] <= 1 for record in (learned, baseline) for key in ("concept_accuracy", "edit_accuracy"))
 
     clip = tiny_clip()  # the numbers, recomputed directly from the files
     training = clip.images(sorted((outdir / "training_images").glob("*.png")))

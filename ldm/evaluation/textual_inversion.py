@@ -31,8 +31,10 @@ WORD = "{}"  # where a prompt template takes the learned word (or the baseline's
 # The prompts sec. 5 of the paper names: the reconstruction prompt first, then one editing prompt of each kind it
 # describes (background, style, composition).
 PAPER_PROMPTS = ("a photo of {}", "a photo of {} on the moon", "an oil painting of {}", "elmo holding a {}")
-# The demo model knows shapes on coloured backgrounds (ldm.data.shapes); its placeholder stands for a purple star.
-DEMO_PROMPTS = ("a photo of a {}", "a {} on a green background", "a {} on a yellow background")
+# The demo model knows shapes on coloured backgrounds (ldm.data.shapes); its embedding's * stands for a purple
+# star, a pair its training captions never named, and "purple star" is the baseline there (see README).
+DEMO_PROMPTS = ("a photo of {}", "a {} on a green background", "a {} on a yellow background")
+DEMO_BASELINE_WORD = "purple star"
 VARIANTS = ("learned", "baseline")  # folder names of the learned word's images and the baseline's
 
 

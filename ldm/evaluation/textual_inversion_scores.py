@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -56,6 +57,34 @@ def score(outdir: Path, protocol: EmbeddingProtocol, clip: CLIPEmbedder, trainin
     return records
 
 
+def demo_concept_accuracy(outdir: Path, protocol: EmbeddingProtocol, records: Sequence[dict[str, Any]],
+                          concept: tuple[str, str] = ("purple", "star")) -> None:
+    """For the demo model (ldm.data.shapes), numbers that mean something without CLIP, added to `records`:
+    the share of each prompt's images that show the concept (colour, shape; read back with
+    ldm.data.shapes_analysis), and where the prompt asks for a background ("on a green background"), the share
+    that show the concept on it."""
+    from PIL import Image
+
+    from ldm.data.shapes_analysis import read_image
+
+    for variant, record in enumerate(records):
+        for index, row in enumerate(record["prompts"]):
+            background = re.search(r"on an? (\w+) background", protocol.prompts[index])
+            readings = []
+            for path in image_paths(outdir, protocol, variant, index):
+                with Image.open(path) as image:
+                    readings.append(read_image(image))
+            shown = [(r.color, r.shape) == concept for r in readings]
+            row["concept_accuracy"] = sum(shown) / len(shown)
+            if background:
+                row["edit_accuracy"] = sum(s and r.background == background.group(1)
+                                           for s, r in zip(shown, readings)) / len(shown)
+        edits = [row["edit_accuracy"] for row in record["prompts"] if "edit_accuracy" in row]
+        record["concept_accuracy"] = record["prompts"][0]["concept_accuracy"]
+        if edits:
+            record["edit_accuracy"] = sum(edits) / len(edits)
+
+
 def write_results(outdir: Path, protocol: EmbeddingProtocol, records: Sequence[dict[str, Any]],
                   clip_model: str, training: Sequence[Path]) -> None:
     """results.json (protocol, CLIP model, training images, records) and results.csv (one row per variant and
@@ -64,11 +93,12 @@ def write_results(outdir: Path, protocol: EmbeddingProtocol, records: Sequence[d
                "training_images": [p.name for p in training], "results": list(records)}
     atomic_write_text(outdir / "results.json", json.dumps(summary, indent=1) + "\n")
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS, lineterminator="\n")
+    fields = CSV_FIELDS + tuple(key for key in ("concept_accuracy", "edit_accuracy") if key in records[0])
+    writer = csv.DictWriter(table, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for record in records:
         for row in record["prompts"]:
             writer.writerow({"variant": record["variant"], "word": record["word"], **row})
     for record in records:
-        writer.writerow({key: record[key] for key in CSV_FIELDS if key != "prompt"} | {"prompt": "all"})
+        writer.writerow({key: record.get(key) for key in fields if key != "prompt"} | {"prompt": "all"})
     atomic_write_text(outdir / "results.csv", table.getvalue())
