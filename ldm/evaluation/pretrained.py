@@ -7,6 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ldm.errors import UserInputError, first_line
 
@@ -20,11 +21,13 @@ INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """A file of weights: what it is (for messages), where it comes from and where it is kept."""
+    """A file of weights: what it is (for messages), where it comes from, where it is kept, and the start of its
+    SHA-256 where it is published (checked on download)."""
 
     description: str
     url: str
     path: Path
+    sha256_prefix: Optional[str] = None
 
 
 def inception_weights() -> WeightsFile:
@@ -46,7 +49,8 @@ def clip_weights(model_name: str) -> WeightsFile:
         raise UserInputError(f"open_clip has no OpenAI weights for the CLIP model {model_name!r}; use ViT-L-14 or "
                              "ViT-B-32")
     path = Path(os.path.expanduser("~/.cache/clip")) / url.rsplit("/", 1)[1]
-    return WeightsFile(f"OpenAI's CLIP {model_name} weights", url, path)
+    sha256 = url.rsplit("/", 2)[1]  # OpenAI's URLs hold the file's SHA-256, which open_clip's downloader checks too
+    return WeightsFile(f"OpenAI's CLIP {model_name} weights", url, path, sha256)
 
 
 def fetch(weights: WeightsFile) -> Path:
@@ -59,7 +63,8 @@ def fetch(weights: WeightsFile) -> Path:
     logger.info("downloading %s from %s to %s", weights.description, weights.url, weights.path)
     try:
         weights.path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(weights.url, str(weights.path), progress=False)
+        torch.hub.download_url_to_file(weights.url, str(weights.path), hash_prefix=weights.sha256_prefix,
+                                       progress=False)
     except Exception as error:  # offline, blocked, interrupted: the user has to bring the file
         raise UserInputError(f"{weights.description} are needed and could not be downloaded ({first_line(error)}): "
                              f"download {weights.url} and save it as {weights.path}") from error
