@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import ldm.cli.runtime
@@ -229,6 +230,19 @@ def test_a_checkpoint_that_does_not_load_leaves_the_outdir_untouched(evaluate, c
     assert snapshot(tmp_path / "out") == {}
 
 
+def test_missing_metric_weights_offline_stop_the_run_before_sampling(evaluate, capsys, tmp_path, monkeypatch,
+                                                                    one_process):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    def offline(*args, **kwargs):
+        raise OSError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    _, images = coco(tmp_path)
+    code, err = run(evaluate, capsys, *DEMO, "--metrics", "fid", "--images", images, "--outdir", tmp_path / "out")
+    assert code == 2 and "the FID Inception-v3 weights" in one_error_line(err) and "save it as" in err
+    assert snapshot(tmp_path / "out") == {}
+
+
 def count_renders(monkeypatch) -> list[int]:
     calls: list[int] = []
     render_batch = ldm.evaluation.sampling.render_batch
@@ -299,6 +313,7 @@ class MeanPixel:
 def test_no_metrics_then_metrics_only_gives_fid_against_clip_score(evaluate, capsys, tmp_path, monkeypatch,
                                                                    one_process):
     monkeypatch.setattr(ldm.evaluation.run, "build_metrics", lambda names, *args: [MeanPixel(n) for n in names])
+    monkeypatch.setattr(ldm.evaluation.run, "fetch_weights", lambda names: None)
     _, images = coco(tmp_path)
     outdir = tmp_path / "eval"
     args = ["--demo", "--n", "2", "--scales", "2,4", "--steps", "2", "--metrics", "fid,clip_score", "--images", images,

@@ -41,3 +41,19 @@ def build_metrics(names: Sequence[str], device: torch.device, reference_dir: Opt
 
             metrics.append(ShapesAccuracy())
     return metrics
+
+
+def fetch_weights(names: Sequence[str]) -> None:
+    """Download the pretrained weights the metrics of `names` need, if not yet cached; offline, a missing file is
+    an error naming it and where to put it (ldm.evaluation.pretrained), before any image is sampled."""
+    from ldm.evaluation.pretrained import fetch
+
+    if "fid" in names:
+        from ldm.evaluation.pretrained import inception_weights
+
+        fetch(inception_weights())
+    if "clip_score" in names:
+        from ldm.evaluation.clip_score import DEFAULT_CLIP
+        from ldm.evaluation.pretrained import clip_weights
+
+        fetch(clip_weights(DEFAULT_CLIP))

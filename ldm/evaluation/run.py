@@ -11,7 +11,7 @@ from ldm import accel
 from ldm.cli.runtime import load_model, select_device
 from ldm.evaluation.captions import Captions
 from ldm.evaluation.distributed import Ranks, barrier, join, leave, rank_device
-from ldm.evaluation.metric_set import build_metrics
+from ldm.evaluation.metric_set import build_metrics, fetch_weights
 from ldm.evaluation.plot import PLOT_FILE, plot_results
 from ldm.evaluation.protocol import Protocol, write_protocol
 from ldm.evaluation.results import compute_records, merge_records, read_records, write_results
@@ -47,6 +47,8 @@ def run_evaluation(evaluation: Evaluation, ranks: Ranks) -> Optional[list[dict[s
     """Run `evaluation` as process `ranks.rank`; returns every record of results.json on the first process
     (None on the others, and when no metrics are asked for)."""
     device = rank_device(ranks, select_device(evaluation.device))
+    if evaluation.metrics and ranks.main:
+        fetch_weights(evaluation.metrics)  # offline and missing: an error now, not after hours of sampling
     join(ranks, device)
     try:
         if evaluation.sample:
