@@ -179,3 +179,24 @@ def test_offline_the_error_names_the_file_its_url_and_where_to_put_it(tmp_path, 
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"weights")
     assert pretrained.fetch(pretrained.inception_weights()) == target  # once there, no download is tried
+
+
+def test_load_clip_reads_openai_weights_from_the_cache(tmp_path, monkeypatch):
+    import open_clip
+
+    from ldm.evaluation.clip_score import load_clip
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    vision = open_clip.CLIPVisionCfg(layers=1, width=64, patch_size=8, image_size=32)  # OpenAI's layout: 64 per head
+    text = open_clip.CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1)
+    source = open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text, quick_gelu=True).eval()
+    weights = pretrained.clip_weights("ViT-B-32")
+    weights.path.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), weights.path)
+    clip = load_clip("ViT-B-32")
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(source.encode_text(open_clip.tokenize(["a photo of a cat"])), dim=-1)
+    assert torch.allclose(clip.texts(["a photo of a cat"]), expected, atol=1e-3)
+    path = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
+    assert clip.images([path]).shape == (1, 16) and clip.model.visual.image_size == (32, 32)
