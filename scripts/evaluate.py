@@ -4,7 +4,7 @@ scales, one image per caption and scale (PLMS, 50 steps, 512x512, 10,000 COCO va
 
     python scripts/evaluate.py --ckpt sd-v1-4.ckpt --captions annotations/captions_val2017.json \\
         --images val2017/ --outdir eval/sd-v1-4
-    torchrun --nproc_per_node 8 scripts/evaluate.py ...      # the same, sharded over 8 GPUs
+    torchrun --nproc_per_node 8 -- scripts/evaluate.py ...   # the same, sharded over 8 GPUs
     python scripts/evaluate.py --demo                        # offline, the demo model and its prompt accuracy
 
 A rerun into the same --outdir samples only the missing images and recomputes the metrics from disk; it may add
@@ -16,7 +16,7 @@ import argparse
 import hashlib
 import importlib.util
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ldm.cli.common import (
     SD_CKPT,
@@ -32,6 +32,9 @@ from ldm.cli.common import (
 )
 from ldm.errors import UserInputError
 from ldm.models.diffusion.sampler_names import SAMPLER_NAMES, SCHEDULES
+
+if TYPE_CHECKING:
+    from ldm.evaluation.captions import Captions
 
 MODEL_CARD_SCALES = "1.5,2,3,4,5,6,7,8"
 MODEL_CARD_N = 10_000
@@ -138,36 +141,43 @@ def check_options(opt: argparse.Namespace) -> None:
         raise UserInputError("give --captions (COCO's captions_val2017.json or a text file), or --demo")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    opt = build_parser().parse_args(argv)
-    configure_logging()
-    check_options(opt)
+def read_inputs(opt: argparse.Namespace) -> tuple[dict[str, str], Captions, list[str]]:
+    """(checkpoint name -> path, the captions, the metrics to compute), every file checked; --config, --n and
+    --ckpt resolved."""
     from ldm.demo import DEMO_CHECKPOINT, DEMO_CONFIG
     from ldm.evaluation.captions import check_reference_images, demo_captions, read_captions
-    from ldm.evaluation.distributed import ranks_from_env
     from ldm.evaluation.metric_set import NEEDS_REFERENCE_IMAGES, parse_metric_names
-    from ldm.evaluation.protocol import Protocol, check_outdir, read_protocol
 
-    metrics = parse_metric_names(opt.metrics or ("accuracy" if opt.demo else "fid,clip_score"))
-    compute_metrics = not opt.no_metrics
-    if compute_metrics and importlib.util.find_spec("matplotlib") is None:
+    metrics = [] if opt.no_metrics else parse_metric_names(opt.metrics or ("accuracy" if opt.demo else
+                                                                            "fid,clip_score"))
+    if metrics and importlib.util.find_spec("matplotlib") is None:
         raise UserInputError("the plot needs matplotlib: pip install -e .[eval] (or add --no_metrics)")
-    ckpts = opt.ckpt or [str(DEMO_CHECKPOINT if opt.demo else SD_CKPT)]
+    opt.ckpt = opt.ckpt or [str(DEMO_CHECKPOINT if opt.demo else SD_CKPT)]
     opt.config = opt.config or str(DEMO_CONFIG if opt.demo else SD_CONFIG)
-    checkpoints = checkpoint_names(ckpts)
-    for path in ckpts:
+    checkpoints = checkpoint_names(opt.ckpt)
+    for path in opt.ckpt:
         check_checkpoint_exists(argparse.Namespace(ckpt=path, demo=opt.demo))
-    n = opt.n or (DEMO_N if opt.demo else MODEL_CARD_N)
-    captions = demo_captions(n, opt.seed) if opt.demo else read_captions(opt.captions, n, opt.seed)
-    if compute_metrics and any(name in NEEDS_REFERENCE_IMAGES for name in metrics):
+    opt.n = opt.n or (DEMO_N if opt.demo else MODEL_CARD_N)
+    captions = demo_captions(opt.n, opt.seed) if opt.demo else read_captions(opt.captions, opt.n, opt.seed)
+    if any(name in NEEDS_REFERENCE_IMAGES for name in metrics):
         if opt.images is None:
             raise UserInputError("FID needs the reference images: give --images (val2017/ for COCO's captions), or "
                                  "leave fid out of --metrics")
         check_reference_images(opt.images, captions)
+    return checkpoints, captions, metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    opt = build_parser().parse_args(argv)
+    configure_logging()
+    check_options(opt)
+    checkpoints, captions, metrics = read_inputs(opt)
 
     from ldm.cli.geometry import read_geometry
     from ldm.cli.runtime import check_image_size
     from ldm.config_files import read_plain_config
+    from ldm.evaluation.distributed import ranks_from_env
+    from ldm.evaluation.protocol import Protocol, check_outdir, read_protocol
 
     config = read_plain_config(opt.config)
     geometry = read_geometry(config)
@@ -183,22 +193,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "protocol.json): sample first, without --metrics_only")
     sizes = {name: Path(path).stat().st_size if Path(path).is_file() else None for name, path in checkpoints.items()}
     protocol = check_outdir(outdir, Protocol(
-        sampler=opt.sampler, schedule=opt.schedule, steps=opt.steps, eta=opt.eta, H=opt.H, W=opt.W, n=n,
+        sampler=opt.sampler, schedule=opt.schedule, steps=opt.steps, eta=opt.eta, H=opt.H, W=opt.W, n=opt.n,
         seed=opt.seed, precision=opt.precision, captions_sha256=captions.source_sha256,
         config_sha256=file_sha256(opt.config), checkpoints=sizes, scales=tuple(opt.scales)))
     ranks = ranks_from_env()
 
-    from ldm.evaluation.run import Evaluation, run_evaluation
     from ldm.evaluation.results import format_table
+    from ldm.evaluation.run import Evaluation, run_evaluation
 
     evaluation = Evaluation(
         protocol=protocol, checkpoints=checkpoints, scales=opt.scales, config=config, captions=captions,
         outdir=outdir, latent_shape=(geometry.latent_channels, opt.H // geometry.factor, opt.W // geometry.factor),
-        batch_size=opt.batch_size, metrics=metrics if compute_metrics else [], device=opt.device,
-        accel=not opt.no_accel, sample=not opt.metrics_only, reference_dir=opt.images,
-        cache_dir=Path(opt.cache_dir) if opt.cache_dir else None,
-        title=f"{'demo model' if opt.demo else 'Stable Diffusion'}: {n} captions, {opt.sampler} {opt.steps} steps, "
-              f"{opt.W}x{opt.H}")
+        batch_size=opt.batch_size, metrics=metrics, device=opt.device, accel=not opt.no_accel,
+        sample=not opt.metrics_only, reference_dir=opt.images, cache_dir=Path(opt.cache_dir) if opt.cache_dir else None,
+        title=f"{'demo model' if opt.demo else 'Stable Diffusion'}: {opt.n} captions, {opt.sampler} {opt.steps} "
+              f"steps, {opt.W}x{opt.H}")
     records = run_evaluation(evaluation, ranks)
     if records is not None:
         print(format_table(records))

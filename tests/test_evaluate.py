@@ -194,6 +194,7 @@ def no_model_load(monkeypatch, one_process):
     ("scale nan", "--scales: 'SCALES' is not a comma-separated list of finite numbers"),
     ("scale inf", "--scales: 'SCALES' is not a comma-separated list of finite numbers"),
     ("stochastic eta", "deterministic sampling only"),
+    ("fp16 on the cpu", "--precision fp16 needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(evaluate, capsys, tmp_path, no_model_load, case,
                                                                  message):
@@ -214,8 +215,10 @@ def test_bad_input_is_one_line_and_exit_2_before_the_model_loads(evaluate, capsy
         args["--ckpt"] = tmp_path / "nothing.ckpt"
     elif case.startswith("scale"):
         args["--scales"] = {"scales not numbers": "1.5,two", "scale nan": "2,nan", "scale inf": "inf"}[case]
-    else:
+    elif case == "stochastic eta":
         args.update({"--sampler": "ddim", "--eta": "0.5"})
+    else:
+        args.update({"--precision": "fp16", "--device": "cpu", "--metrics": "accuracy"})
     code, err = run(evaluate, capsys, *[str(x) for pair in args.items() for x in pair])
     message = message.replace("SCALES", args.get("--scales", ""))
     assert code == 2 and err.count("\n") == 1 and message in err, err

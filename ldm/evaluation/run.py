@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from ldm import accel
-from ldm.cli.runtime import load_model, select_device
+from ldm.cli.runtime import load_model, precision_context, select_device
 from ldm.evaluation.captions import Captions
 from ldm.evaluation.distributed import Ranks, barrier, join, leave, rank_device
 from ldm.evaluation.metric_set import build_metrics, fetch_weights
@@ -47,6 +47,7 @@ def run_evaluation(evaluation: Evaluation, ranks: Ranks) -> Optional[list[dict[s
     """Run `evaluation` as process `ranks.rank`; returns every record of results.json on the first process
     (None on the others, and when no metrics are asked for)."""
     device = rank_device(ranks, select_device(evaluation.device))
+    precision_context(evaluation.protocol.precision, device)  # a precision the device lacks is refused here
     if evaluation.metrics and ranks.main:
         fetch_weights(evaluation.metrics)  # offline and missing: an error now, not after hours of sampling
     join(ranks, device)
