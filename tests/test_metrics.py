@@ -170,10 +170,10 @@ def test_offline_the_error_names_the_file_its_url_and_where_to_put_it(tmp_path, 
     monkeypatch.setenv("HOME", str(tmp_path))
     target = tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     with pytest.raises(UserInputError) as error:
-        FID(tmp_path, cache_dir=tmp_path / "cache").compute([])
+        FID(tmp_path, cache_dir=tmp_path / "cache").compute(samples_of(write_indexed_images(tmp_path, range(2))))
     assert pretrained.INCEPTION_URL in str(error.value) and str(target) in str(error.value)
     with pytest.raises(UserInputError) as error:
-        CLIPScore().compute([])
+        CLIPScore().compute(samples_of(write_indexed_images(tmp_path, range(1)), ["a photo"]))
     assert "ViT-L-14.pt" in str(error.value) and "openaipublic" in str(error.value)
     assert str(tmp_path / ".cache" / "clip" / "ViT-L-14.pt") in str(error.value)
     target.parent.mkdir(parents=True, exist_ok=True)

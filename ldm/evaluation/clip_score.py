@@ -115,6 +115,8 @@ class CLIPScore:
         return self._model
 
     def compute(self, samples: Sequence[Sample]) -> float:
+        if not samples:
+            raise UserInputError("CLIP score needs at least one image")
         images = self.model.images([s.path for s in samples])
         texts = self.model.texts([s.caption for s in samples])
         return float(clip_scores(images, texts).mean())

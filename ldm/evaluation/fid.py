@@ -188,5 +188,7 @@ class FID:
 
     def compute(self, samples: Sequence[Sample]) -> float:
         """FID of the samples' images against the reference images."""
+        if len(samples) < 2:
+            raise UserInputError(f"FID needs at least 2 images, got {len(samples)}")
         generated = feature_statistics(image_features([s.path for s in samples], self.extractor, self.batch_size))
         return statistics_distance(generated, self.reference_statistics())
