@@ -200,3 +200,19 @@ def test_load_clip_reads_openai_weights_from_the_cache(tmp_path, monkeypatch):
     path = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
     assert clip.images([path]).shape == (1, 16) and clip.model.visual.image_size == (32, 32)
+
+
+def test_the_inception_extractor_gives_2048_pool_features_of_images_of_any_size(tmp_path, monkeypatch):
+    """torch-fidelity's network as FID builds it, randomly initialised (the weights file is a stand-in)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as inception
+
+    from ldm.evaluation import fid
+
+    monkeypatch.setattr(pretrained, "fetch", lambda weights: tmp_path / "stand-in.pth")
+    monkeypatch.setattr(inception.torch, "load", lambda path, **kwargs: {})
+    monkeypatch.setattr(inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+    extract = fid.inception_extractor("cpu")
+    images = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)
+    features = extract(images)
+    assert features.shape == (2, 2048) and features.dtype == torch.float32 and torch.isfinite(features).all()
+    assert torch.allclose(extract(images[1:]), features[1:], atol=1e-4)  # no batch effects (eval mode)
