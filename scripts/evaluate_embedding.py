@@ -153,8 +153,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         model={"config": ti.file_identity(opt.config), "ckpt": ti.file_identity(opt.ckpt),
                "embedding": ti.file_identity(opt.embedding_path)})
     ti.check_outdir(outdir, protocol)
-    if opt.data_root is None:
-        training = training_images(demo_training_images(outdir / "training_images", geometry.image_size))
     if opt.demo:
         from ldm.evaluation.clip_score import tiny_clip
 
@@ -165,7 +163,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         fetch(clip_weights(opt.clip_model))  # before sampling: offline, say which file is missing first
         clip, clip_name = None, opt.clip_model
-    ti.write_protocol(outdir, protocol)
 
     from ldm.cli.runtime import load_model, select_device
 
@@ -176,6 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             from ldm import accel
 
             accel.optimize(model, device)
+        ti.write_protocol(outdir, protocol)  # once the model has loaded: a bad checkpoint leaves the folder as it was
         written = ti.sample_missing(model, protocol, outdir, opt.batch_size)
         logger.info("%d images sampled into %s", written, outdir)
         del model
@@ -183,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if missing:
         raise UserInputError(f"{len(missing)} images are missing in {outdir} (first: {missing[0]}); run without "
                              "--metrics_only to sample them")
+    if opt.data_root is None:
+        training = training_images(demo_training_images(outdir / "training_images", geometry.image_size))
     if clip is None:
         clip = load_clip(opt.clip_model, device)
     records = score(outdir, protocol, clip, training)

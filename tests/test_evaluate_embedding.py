@@ -140,3 +140,11 @@ def test_offline_the_clip_weights_are_named_before_any_sampling(script, capsys, 
     line = err.strip().splitlines()[-1]
     assert code == 2 and "ViT-B-32.pt" in line and str(tmp_path / "home" / ".cache" / "clip") in line, err
     assert not (outdir / "learned").exists()
+
+
+def test_a_checkpoint_that_does_not_load_leaves_the_outdir_untouched(script, capsys, tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    code, err = run(script, capsys, "--demo", "--ckpt", bad, *FAST, "--outdir", tmp_path / "out")
+    assert code == 2 and err.strip().splitlines()[-1].count("error:") == 1, err
+    assert snapshot(tmp_path / "out") == {}
