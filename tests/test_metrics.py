@@ -177,8 +177,29 @@ def test_offline_the_error_names_the_file_its_url_and_where_to_put_it(tmp_path, 
     assert "ViT-L-14.pt" in str(error.value) and "openaipublic" in str(error.value)
     assert str(tmp_path / ".cache" / "clip" / "ViT-L-14.pt") in str(error.value)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(b"weights")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, target)
     assert pretrained.fetch(pretrained.inception_weights()) == target  # once there, no download is tried
+
+
+def test_weight_files_are_checked_before_the_libraries_read_them(tmp_path, monkeypatch):
+    """torch-fidelity unpickles the Inception file with weights_only=False and OpenAI's CLIP files are TorchScript:
+    a pickle that asks to run code, or a CLIP file of another SHA-256, never reaches them."""
+    from tests.pickles import RunsCode
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    inception = pretrained.inception_weights()
+    inception.path.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"fc.weight": RunsCode(marker)}, inception.path)
+    with pytest.raises(UserInputError, match="delete it, and download"):
+        pretrained.fetch(inception)
+    assert not marker.exists()
+    clip = pretrained.clip_weights("ViT-B-32")
+    clip.path.parent.mkdir(parents=True)
+    clip.path.write_bytes(b"not OpenAI's file")
+    with pytest.raises(UserInputError, match="SHA-256 differs"):
+        pretrained.fetch(clip)
 
 
 def test_load_clip_reads_openai_weights_from_the_cache(tmp_path, monkeypatch):
@@ -193,6 +214,8 @@ def test_load_clip_reads_openai_weights_from_the_cache(tmp_path, monkeypatch):
     weights = pretrained.clip_weights("ViT-B-32")
     weights.path.parent.mkdir(parents=True)
     torch.save(source.state_dict(), weights.path)
+    # A stand-in for OpenAI's file: taken as the published one (the SHA-256 check has its own test).
+    monkeypatch.setattr(pretrained, "_sha256", lambda path: weights.sha256_prefix)
     clip = load_clip("ViT-B-32")
     with torch.no_grad():
         expected = torch.nn.functional.normalize(source.encode_text(open_clip.tokenize(["a photo of a cat"])), dim=-1)

@@ -1,6 +1,11 @@
 """The metrics' pretrained weights: one file each, downloaded once into the cache its library uses and read from
 there afterwards. Offline, a missing file is a `UserInputError` that names the file, its URL and the path to put
-it at, so that it can be copied over from a machine that has it."""
+it at, so that it can be copied over from a machine that has it.
+
+The libraries read these files with loaders that can run code (torch-fidelity unpickles the Inception weights with
+`weights_only=False`; OpenAI's CLIP files are TorchScript archives), so a file is checked before they see it: its
+SHA-256 where it is published (OpenAI's URLs hold it), and a pickle by loading it weights-only first (a pickle that
+passes the weights-only unpickler asks for nothing but tensors and containers, whichever unpickler reads it)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ldm.errors import UserInputError, first_line
+from ldm.errors import CheckpointError, UserInputError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +58,40 @@ def clip_weights(model_name: str) -> WeightsFile:
     return WeightsFile(f"OpenAI's CLIP {model_name} weights", url, path, sha256)
 
 
-def fetch(weights: WeightsFile) -> Path:
-    """`weights.path`, downloaded first when missing (atomically, by torch hub). Raises UserInputError when it
-    is missing and cannot be downloaded (offline), saying which file to put where."""
-    if weights.path.is_file():
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(weights: WeightsFile) -> Path:
+    """The file, once it is known to be the published one (SHA-256) or to hold only weights (a pickle loaded
+    weights-only)."""
+    if weights.sha256_prefix:
+        if not _sha256(weights.path).startswith(weights.sha256_prefix):
+            raise UserInputError(f"{weights.path} is not {weights.description} (its SHA-256 differs from the "
+                                 f"published one); delete it, and download {weights.url} again")
         return weights.path
+    from ldm.checkpoint import read_state_dict
+
+    try:
+        read_state_dict(weights.path)
+    except CheckpointError as error:
+        raise UserInputError(f"{weights.path} is not {weights.description} ({error}); delete it, and download "
+                             f"{weights.url} again") from error
+    return weights.path
+
+
+def fetch(weights: WeightsFile) -> Path:
+    """`weights.path`, downloaded first when missing (atomically, by torch hub), and checked (see the module's
+    docstring). Raises UserInputError when it is missing and cannot be downloaded (offline), saying which file to
+    put where, or when the file there is not the expected one."""
+    if weights.path.is_file():
+        return _check(weights)
     import torch
 
     logger.info("downloading %s from %s to %s", weights.description, weights.url, weights.path)
@@ -68,4 +102,4 @@ def fetch(weights: WeightsFile) -> Path:
     except Exception as error:  # offline, blocked, interrupted: the user has to bring the file
         raise UserInputError(f"{weights.description} are needed and could not be downloaded ({first_line(error)}): "
                              f"download {weights.url} and save it as {weights.path}") from error
-    return weights.path
+    return _check(weights)
