@@ -27,7 +27,9 @@ REPO_PATH_PREFIXES = ("configs/", "models/demo/", "scripts/")  # paths the clone
 CLONE_ENTRIES = ("configs", "ldm", "main.py", "models", "scripts")
 # Arguments appended when a command runs, where running it as written would take minutes.
 FASTER = {"scripts/evaluate_demo.py": ["--n", "4", "--batch_size", "4", "--steps", "10"],
-          "scripts/evaluate_inpainting.py": ["--n", "2", "--batch_size", "2", "--steps", "3"]}
+          "scripts/evaluate_inpainting.py": ["--n", "2", "--batch_size", "2", "--steps", "3"],
+          "scripts/evaluate.py": ["--n", "2", "--scales", "2,7", "--steps", "3", "--batch_size", "2"],
+          "scripts/evaluate_embedding.py": ["--n", "1", "--steps", "3"]}
 # Scripts that default to the demo model, and so run without downloaded weights.
 DEMO_SCRIPTS = {"scripts/demo_concept_images.py", "scripts/evaluate_demo.py", "scripts/evaluate_inpainting.py"}
 
