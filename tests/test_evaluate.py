@@ -291,11 +291,19 @@ def test_demo_end_to_end_resumes_without_sampling_twice_and_refuses_another_prot
 
 
 def test_two_processes_under_torchrun_give_the_images_and_results_of_one(evaluate, capsys, tmp_path, one_process):
-    assert run(evaluate, capsys, *DEMO, "--outdir", tmp_path / "one")[0] == 0
+    """Each process on one thread, as torchrun runs several (bitwise equality needs the same thread count: a CPU
+    matrix product splits its sums by thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run(evaluate, capsys, *DEMO, "--outdir", tmp_path / "one")[0] == 0
+    finally:
+        torch.set_num_threads(threads)
     process = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
          str(SCRIPTS / "evaluate.py"), *DEMO, "--outdir", str(tmp_path / "two")],
-        cwd=tmp_path, env=script_env(tmp_path), capture_output=True, text=True, timeout=180)
+        cwd=tmp_path, env={**script_env(tmp_path), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=180)
     assert process.returncode == 0, process.stderr[-3000:]
     assert "rank 1: 4 images written" in process.stderr
     assert snapshot(tmp_path / "two" / "model") == snapshot(tmp_path / "one" / "model")
