@@ -12,8 +12,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ldm.errors import UserInputError
+from ldm.evaluation.files import IMAGE_SUFFIXES, image_files
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEMO_EXCLUDED = (("purple", "star"),)  # held out of the demo model's training set (textual inversion learns it)
 
 
@@ -100,7 +100,7 @@ def check_reference_images(folder: str, captions: Captions) -> None:
     directory = Path(folder)
     if not directory.is_dir():
         raise UserInputError(f"image folder {'is a file' if directory.exists() else 'not found'}: {folder}")
-    present = {p.name for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    present = {p.name for p in image_files(directory)}
     if not present:
         raise UserInputError(f"image folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); FID needs the "
                              "reference images (e.g. COCO's val2017)")

@@ -21,12 +21,11 @@ import torch
 from PIL import Image
 
 from ldm.errors import UserInputError
-from ldm.evaluation.files import atomic_write
+from ldm.evaluation.files import IMAGE_SUFFIXES, atomic_write, image_files
 from ldm.evaluation.metric import Sample
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor]  # uint8 [N, 3, H, W] -> float [N, D]
 Statistics = dict[str, np.ndarray]  # torch-fidelity's {"mu": [D], "sigma": [D, D]}
 
@@ -125,7 +124,7 @@ def reference_images(reference_dir: Path) -> list[Path]:
     """The image files directly inside `reference_dir`, sorted; an error when there are none."""
     if not reference_dir.is_dir():
         raise UserInputError(f"reference image folder not found: {reference_dir}")
-    paths = sorted(p for p in reference_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(reference_dir)
     if not paths:
         raise UserInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the reference folder {reference_dir}")
     return paths

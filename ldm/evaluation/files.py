@@ -9,6 +9,13 @@ from typing import BinaryIO, Callable, Optional
 
 from PIL import Image
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly inside `folder` (by suffix), sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(handle)` on a temporary file in `path`'s folder, then move it onto `path` in one step."""

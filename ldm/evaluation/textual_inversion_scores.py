@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from ldm.errors import UserInputError
 from ldm.evaluation.clip_score import CLIPEmbedder, image_image_similarity, text_image_similarity, without_placeholder
 from ldm.evaluation.files import atomic_write_text
-from ldm.evaluation.fid import IMAGE_SUFFIXES
+from ldm.evaluation.files import IMAGE_SUFFIXES, image_files
 from ldm.evaluation.textual_inversion import VARIANTS, WORD, EmbeddingProtocol, image_paths
 
 CSV_FIELDS = ("variant", "word", "prompt", "image_similarity", "text_similarity")
@@ -30,7 +30,7 @@ def training_images(data_root: str | Path) -> list[Path]:
     folder = Path(data_root)
     if not folder.is_dir():
         raise UserInputError(f"--data_root {folder} is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(folder)
     if not paths:
         raise UserInputError(f"--data_root {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return paths
