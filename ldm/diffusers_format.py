@@ -16,7 +16,8 @@ no memory). Every tensor the conversion puts out still carries the index of the 
 for each diffusers key, our key, our shape and the diffusers shape (`ConversionPlan.table`). The table must be
 one-to-one and cover every UNet, autoencoder and text-encoder tensor of the model, or the conversion is refused
 rather than guessed. Going back, each tensor is reshaped to our shape, a view that leaves the values untouched:
-the round trip is bit-exact.
+the round trip is bit-exact. The table and the two configs are kept on disk per config and diffusers version
+(`original_names.cached_json`), so reading a diffusers folder imports diffusers only the first time.
 
 What a diffusers folder does not hold comes from the config: the noise-schedule buffers that the original
 checkpoints carry (`betas`, `alphas_cumprod`, ...) are the model's own, computed from `linear_start`, `linear_end`
@@ -25,6 +26,7 @@ and `timesteps` as in training; a `scale_factor` buffer (models trained with `sc
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,6 +39,7 @@ from torch import nn
 
 from ldm.checkpoint import model_config_section, no_weight_init, normalize_state_dict, read_state_dict
 from ldm.errors import CheckpointError, UserInputError
+from ldm.original_names import cached_json
 from ldm.schedule_buffers import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 
@@ -136,12 +139,27 @@ def _describe(keys: Sequence[str]) -> str:
     return ", ".join(list(keys)[:MAX_KEYS_IN_MESSAGE]) + (f" and {more} more" if more > 0 else "")
 
 
+def _check_table(table: Mapping[str, Mapping[str, Correspondence]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse (CheckpointError) a table that is not a bijection onto the model's tensors, each moved whole."""
+    used: set[str] = set()
+    for entries in table.values():
+        for entry in entries.values():
+            if (entry.ours not in shapes or entry.ours in used or entry.our_shape != tuple(shapes[entry.ours])
+                    or math.prod(entry.shape) != math.prod(entry.our_shape)):
+                raise CheckpointError(f"diffusers' conversion does not move {entry.ours} as one tensor; it cannot be "
+                                      "inverted for this config")
+            used.add(entry.ours)
+    left_out = [key for key in shapes if key not in used]
+    if left_out:
+        raise CheckpointError(f"diffusers' conversion leaves out {len(left_out)} tensors of the model "
+                              f"({_describe(left_out)}); this config's model cannot be stored as a diffusers folder")
+
+
 def _read_table(converted: Mapping[str, Mapping[str, Optional[torch.Tensor]]],
                 shapes: Mapping[str, tuple[int, ...]]) -> dict[str, dict[str, Correspondence]]:
     """Read the markers back out of a conversion of `_markers(shapes)`; refuse anything but a bijection."""
     keys = list(shapes)
     table: dict[str, dict[str, Correspondence]] = {}
-    used: dict[str, str] = {}
     for part, tensors in converted.items():
         table[part] = {}
         for key, tensor in tensors.items():
@@ -149,16 +167,41 @@ def _read_table(converted: Mapping[str, Mapping[str, Optional[torch.Tensor]]],
                 raise CheckpointError(f"diffusers' conversion asks for a {part} tensor the model lacks (for {key}); "
                                       "the config does not build a Stable Diffusion v1 model")
             ours = keys[int(tensor[(0,) * tensor.ndim])]
-            if ours in used or tensor.numel() != math.prod(shapes[ours]):
-                raise CheckpointError(f"diffusers' conversion does not move {ours} as one tensor; it cannot be "
-                                      "inverted for this config")
-            used[ours] = key
             table[part][key] = Correspondence(ours=ours, our_shape=tuple(shapes[ours]), shape=tuple(tensor.shape))
-    left_out = [key for key in keys if key not in used]
-    if left_out:
-        raise CheckpointError(f"diffusers' conversion leaves out {len(left_out)} tensors of the model "
-                              f"({_describe(left_out)}); this config's model cannot be stored as a diffusers folder")
+    _check_table(table, shapes)
     return table
+
+
+def _traced_plan(section: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    """diffusers' configs of the UNet and the autoencoder, and the table read off its conversion of stand-in
+    tensors, as the JSON value that `original_names.cached_json` keeps (`_plan_parts` reads it)."""
+    markers = _markers(shapes)
+    utils = _single_file_utils()
+    whole = {"model": section}
+    latent_size = int((section.get("params") or {}).get("image_size", 64))
+    unet_config = utils.create_unet_diffusers_config_from_ldm(whole, markers)
+    unet_config["sample_size"] = latent_size
+    vae_config = utils.create_vae_diffusers_config_from_ldm(whole, markers)
+    vae_config["sample_size"] = latent_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    table = _read_table(_convert(markers, unet_config, vae_config), shapes)
+    plan = {"unet_config": unet_config, "vae_config": vae_config,
+            "table": {part: {key: [entry.ours, entry.our_shape, entry.shape] for key, entry in entries.items()}
+                      for part, entries in table.items()}}
+    return json.loads(json.dumps(plan))  # as a later run reads it back: lists, not tuples
+
+
+def _plan_parts(value: Any, shapes: Mapping[str, tuple[int, ...]]
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Correspondence]]]:
+    """The UNet's and the autoencoder's diffusers configs and the checked table of a `_traced_plan` value; raises
+    CheckpointError, KeyError, TypeError or ValueError for anything else."""
+    table = {part: {key: Correspondence(ours=ours, our_shape=tuple(our_shape), shape=tuple(shape))
+                    for key, (ours, our_shape, shape) in value["table"][part].items()}
+             for part in PART_PREFIXES}
+    _check_table(table, shapes)
+    unet_config, vae_config = value["unet_config"], value["vae_config"]
+    if not (isinstance(unet_config, dict) and isinstance(vae_config, dict)):
+        raise TypeError("the configs are not objects")
+    return unet_config, vae_config, table
 
 
 def _text_config(template: nn.Module) -> dict[str, Any]:
@@ -167,23 +210,28 @@ def _text_config(template: nn.Module) -> dict[str, Any]:
 
 
 def plan_conversion(config: Any) -> ConversionPlan:
-    """The `ConversionPlan` of the model that `config` (a path, a whole config or its `model` section) builds."""
+    """The `ConversionPlan` of the model that `config` (a path, a whole config or its `model` section) builds.
+
+    What diffusers' conversion says for this config is kept on disk (`original_names.cached_json`), so only the first
+    run for a config imports diffusers' conversion code (seconds); reading a diffusers folder then needs no
+    diffusers at all."""
     section = _plain(model_config_section(config))
     check_convertible(section)
     with no_weight_init():
         template = instantiate_from_config(section)
     shapes = {key: tuple(value.shape) for key, value in template.state_dict().items()
               if key.startswith(tuple(PART_PREFIXES.values()))}
-    markers = _markers(shapes)
-    utils = _single_file_utils()
-    whole = {"model": section}
-    params = section.get("params") or {}
-    latent_size = int(params.get("image_size", 64))
-    unet_config = utils.create_unet_diffusers_config_from_ldm(whole, markers)
-    unet_config["sample_size"] = latent_size
-    vae_config = utils.create_vae_diffusers_config_from_ldm(whole, markers)
-    vae_config["sample_size"] = latent_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
-    table = _read_table(_convert(markers, unet_config, vae_config), shapes)
+
+    def is_valid(value: Any) -> bool:
+        try:
+            _plan_parts(value, shapes)
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return False
+        return True
+
+    value = cached_json("diffusers-plan", [section, sorted(shapes.items())], lambda: _traced_plan(section, shapes),
+                        is_valid)
+    unet_config, vae_config, table = _plan_parts(value, shapes)
     return ConversionPlan(section=section, template=template, unet_config=unet_config, vae_config=vae_config,
                           text_config=_text_config(template), table=table)
 

@@ -5,7 +5,8 @@ The conversions move tensors from key to key (and squeeze a few 1x1 convolutions
 them stand-in tensors that carry their key's index shows where every key goes. Importing diffusers' conversion code
 takes seconds, more than a LoRA merge itself, so each mapping is kept on disk
 ($XDG_CACHE_HOME/latent-diffusion-sd/original-names-*.json), keyed by the model's keys, the conversion and the
-installed diffusers version, and traced again only when one of them changes.
+installed diffusers version, and traced again only when one of them changes (`cached_json`, which also keeps the
+conversion plans of diffusers folders, ldm.diffusers_format).
 """
 from __future__ import annotations
 
@@ -48,38 +49,46 @@ def _diffusers_version() -> Optional[str]:
         return None
 
 
-def _read_names(path: Path, key_ndims: Mapping[str, int]) -> Optional[dict[str, str]]:
+def _read_json(path: Path) -> Any:
     try:
-        names = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(names, dict) or not all(isinstance(k, str) and v in key_ndims for k, v in names.items()):
-        return None
-    return names
 
 
-def _write_names(path: Path, names: Mapping[str, str]) -> None:
+def _write_json(path: Path, value: Any) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".partial",
                                          delete=False) as handle:
-            json.dump(names, handle)
+            json.dump(value, handle)
         os.replace(handle.name, path)
     except OSError as error:
-        logger.debug("cannot keep the traced names in %s: %s", path, error)
+        logger.debug("cannot keep %s: %s", path, error)
+
+
+def cached_json(kind: str, identity: Any, compute: Callable[[], Any], is_valid: Callable[[Any], bool]) -> Any:
+    """`compute()` (a JSON value), kept on disk as `kind`-<digest>.json in `cache_dir()` and read back while
+    `identity` (JSON-able) and the installed diffusers version stay the same. A file that is unreadable, or whose
+    value `is_valid` refuses (damaged, or written by other code), is computed and written again."""
+    digest = hashlib.sha256(json.dumps([kind, identity, _diffusers_version()]).encode()).hexdigest()[:16]
+    path = cache_dir() / f"{kind}-{digest}.json"
+    value = _read_json(path)
+    if value is None or not is_valid(value):
+        value = compute()
+        _write_json(path, value)
+    return value
 
 
 def cached_trace(kind: str, params: Any, key_ndims: Mapping[str, int],
                  make_convert: Callable[[], ConvertFn]) -> dict[str, str]:
     """`trace_conversion(make_convert(), key_ndims)`, from the disk cache when the same conversion (`kind`,
     `params`) of the same keys was traced under the same diffusers version."""
-    identity = json.dumps([kind, params, sorted(key_ndims.items()), _diffusers_version()])
-    path = cache_dir() / f"original-names-{kind}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
-    names = _read_names(path, key_ndims)
-    if names is None:
-        names = trace_conversion(make_convert(), key_ndims)
-        _write_names(path, names)
-    return names
+    def is_valid(names: Any) -> bool:
+        return isinstance(names, dict) and all(isinstance(k, str) and v in key_ndims for k, v in names.items())
+
+    return cached_json(f"original-names-{kind}", [params, sorted(key_ndims.items())],
+                       lambda: trace_conversion(make_convert(), key_ndims), is_valid)
 
 
 def unet_names(key_ndims: Mapping[str, int], layers_per_block: int) -> dict[str, str]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from ldm.diffusers_format import from_diffusers, plan_conversion, to_diffusers, 
 from ldm.diffusers_loading import default_config, read_diffusers_folder
 from ldm.inpainting_checkpoint import checkpoint_input_channels
 from ldm.util import instantiate_from_config
-from tests.cli_support import FAST, load_script, pixels, write_tiny_checkpoint
+from tests.cli_support import FAST, load_script, pixels, script_env, write_tiny_checkpoint
 from tests.model_factory import DATA_DIR, REPO_DIR, TESTS_DIR, TINY_SD_CONFIG, random_tiny_model, randomize_
 
 diffusers = pytest.importorskip("diffusers")
@@ -90,6 +92,38 @@ def test_folder_round_trip_through_the_scripts_is_bit_exact(tmp, ckpt, folder):
     original, back = load_file(str(ckpt)), load_file(str(out))
     assert list(back) == list(original)
     assert all(torch.equal(back[key], original[key]) for key in original)
+
+
+def test_the_conversion_plan_is_kept_so_a_folder_reads_without_diffusers(tmp, folder, ckpt, tmp_path):
+    cache = tmp_path / "cache"
+    script = (f"import sys; from ldm.diffusers_loading import read_diffusers_folder; "
+              f"state = read_diffusers_folder({str(folder)!r}, {str(TINY_SD_CONFIG)!r}); "
+              "print(len(state), 'diffusers' in sys.modules)")
+
+    def read_in_a_fresh_process() -> str:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_DIR,
+                              env=script_env(tmp_path, XDG_CACHE_HOME=str(cache)), timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    count, imported = read_in_a_fresh_process()
+    assert imported == "True" and int(count) == len(load_file(str(ckpt)))
+    assert [path.name.split("-")[:2] for path in (cache / "latent-diffusion-sd").iterdir()] == [["diffusers", "plan"]]
+    assert read_in_a_fresh_process() == [count, "False"]
+
+
+def test_a_damaged_or_foreign_plan_on_disk_is_traced_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = plan_conversion(TINY_SD_CONFIG)
+    [kept] = (tmp_path / "latent-diffusion-sd").glob("diffusers-plan-*.json")
+    value = json.loads(kept.read_text())
+    some_key = next(iter(value["table"]["vae"]))
+    value["table"]["vae"][some_key][0] = value["table"]["vae"][next(k for k in value["table"]["vae"] if k != some_key)][0]
+    for damage in (json.dumps(value), "{truncated", json.dumps({"table": {}})):
+        kept.write_text(damage)
+        again = plan_conversion(TINY_SD_CONFIG)
+        assert again.table == first.table and again.unet_config == first.unet_config
+        assert json.loads(kept.read_text())["table"]["vae"][some_key][0] == first.table["vae"][some_key].ours
 
 
 def test_the_inverse_is_read_off_diffusers_and_gives_every_sd_v1_key_with_its_shape():
