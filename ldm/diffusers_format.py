@@ -193,11 +193,14 @@ def _traced_plan(section: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...
 def _plan_parts(value: Any, shapes: Mapping[str, tuple[int, ...]]
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Correspondence]]]:
     """The UNet's and the autoencoder's diffusers configs and the checked table of a `_traced_plan` value; raises
-    CheckpointError, KeyError, TypeError or ValueError for anything else."""
+    ValueError (a table that does not fit `shapes`), KeyError or TypeError for anything else."""
     table = {part: {key: Correspondence(ours=ours, our_shape=tuple(our_shape), shape=tuple(shape))
                     for key, (ours, our_shape, shape) in value["table"][part].items()}
              for part in PART_PREFIXES}
-    _check_table(table, shapes)
+    try:
+        _check_table(table, shapes)
+    except CheckpointError as error:
+        raise ValueError(str(error)) from error
     unet_config, vae_config = value["unet_config"], value["vae_config"]
     if not (isinstance(unet_config, dict) and isinstance(vae_config, dict)):
         raise TypeError("the configs are not objects")
@@ -221,17 +224,9 @@ def plan_conversion(config: Any) -> ConversionPlan:
         template = instantiate_from_config(section)
     shapes = {key: tuple(value.shape) for key, value in template.state_dict().items()
               if key.startswith(tuple(PART_PREFIXES.values()))}
-
-    def is_valid(value: Any) -> bool:
-        try:
-            _plan_parts(value, shapes)
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            return False
-        return True
-
-    value = cached_json("diffusers-plan", [section, sorted(shapes.items())], lambda: _traced_plan(section, shapes),
-                        is_valid)
-    unet_config, vae_config, table = _plan_parts(value, shapes)
+    unet_config, vae_config, table = cached_json("diffusers-plan", [section, sorted(shapes.items())],
+                                                 lambda: _traced_plan(section, shapes),
+                                                 lambda value: _plan_parts(value, shapes))
     return ConversionPlan(section=section, template=template, unet_config=unet_config, vae_config=vae_config,
                           text_config=_text_config(template), table=table)
 

@@ -17,13 +17,14 @@ import os
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 ConvertFn = Callable[[dict[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+T = TypeVar("T")
 
 
 def trace_conversion(convert: ConvertFn, key_ndims: Mapping[str, int]) -> dict[str, str]:
@@ -67,28 +68,35 @@ def _write_json(path: Path, value: Any) -> None:
         logger.debug("cannot keep %s: %s", path, error)
 
 
-def cached_json(kind: str, identity: Any, compute: Callable[[], Any], is_valid: Callable[[Any], bool]) -> Any:
-    """`compute()` (a JSON value), kept on disk as `kind`-<digest>.json in `cache_dir()` and read back while
-    `identity` (JSON-able) and the installed diffusers version stay the same. A file that is unreadable, or whose
-    value `is_valid` refuses (damaged, or written by other code), is computed and written again."""
+def cached_json(kind: str, identity: Any, compute: Callable[[], Any], parse: Callable[[Any], T]) -> T:
+    """`parse(compute())`, where `compute()`'s JSON value is kept on disk as `kind`-<digest>.json in `cache_dir()` and
+    read back while `identity` (JSON-able) and the installed diffusers version stay the same. A file that is
+    unreadable, or whose value `parse` refuses (raising ValueError, KeyError or TypeError: damaged, or written by
+    other code), is computed and written again."""
     digest = hashlib.sha256(json.dumps([kind, identity, _diffusers_version()]).encode()).hexdigest()[:16]
     path = cache_dir() / f"{kind}-{digest}.json"
-    value = _read_json(path)
-    if value is None or not is_valid(value):
-        value = compute()
-        _write_json(path, value)
-    return value
+    kept = _read_json(path)
+    if kept is not None:
+        try:
+            return parse(kept)
+        except (ValueError, KeyError, TypeError):
+            logger.debug("tracing again: %s is damaged", path)
+    value = compute()
+    _write_json(path, value)
+    return parse(value)
 
 
 def cached_trace(kind: str, params: Any, key_ndims: Mapping[str, int],
                  make_convert: Callable[[], ConvertFn]) -> dict[str, str]:
     """`trace_conversion(make_convert(), key_ndims)`, from the disk cache when the same conversion (`kind`,
     `params`) of the same keys was traced under the same diffusers version."""
-    def is_valid(names: Any) -> bool:
-        return isinstance(names, dict) and all(isinstance(k, str) and v in key_ndims for k, v in names.items())
+    def parse(names: Any) -> dict[str, str]:
+        if not (isinstance(names, dict) and all(isinstance(k, str) and v in key_ndims for k, v in names.items())):
+            raise ValueError("not a mapping onto the model's keys")
+        return names
 
     return cached_json(f"original-names-{kind}", [params, sorted(key_ndims.items())],
-                       lambda: trace_conversion(make_convert(), key_ndims), is_valid)
+                       lambda: trace_conversion(make_convert(), key_ndims), parse)
 
 
 def unet_names(key_ndims: Mapping[str, int], layers_per_block: int) -> dict[str, str]:
