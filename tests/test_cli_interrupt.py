@@ -23,10 +23,10 @@ def test_ctrl_c_inside_a_long_native_step_exits_within_seconds(tmp_path):
         "ldm.modules.diffusionmodules.openaimodel.UNetModel", "tests.slow_unet.SlowUNet"))
     checkpoint, started, outdir = write_tiny_checkpoint(tmp_path / "tiny.safetensors"), tmp_path / "started", tmp_path / "out"
     env = script_env(tmp_path, **{STARTED_FILE: str(started)})
-    run = subprocess.Popen([sys.executable, str(SCRIPTS / "txt2img.py"), "--config", str(config), "--ckpt",
-                            str(checkpoint), "--H", "64", "--W", "64", "--ddim_steps", "2", "--no_safety_checker",
-                            "--outdir", str(outdir)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen([sys.executable, "-X", "faulthandler", str(SCRIPTS / "txt2img.py"), "--config", str(config),
+                            "--ckpt", str(checkpoint), "--H", "64", "--W", "64", "--ddim_steps", "2",
+                            "--no_safety_checker", "--outdir", str(outdir)], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + WAIT_FOR_STEP
         while not started.exists():
@@ -36,7 +36,12 @@ def test_ctrl_c_inside_a_long_native_step_exits_within_seconds(tmp_path):
         time.sleep(0.5)  # well inside the native computation
         interrupted = time.monotonic()
         run.send_signal(signal.SIGINT)
-        _, stderr = run.communicate(timeout=LATENCY + 20)
+        try:
+            _, stderr = run.communicate(timeout=LATENCY + 20)
+        except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGABRT)  # under -X faulthandler: every thread's stack on stderr
+            pytest.fail(f"the run still went on {LATENCY + 20} s after Ctrl-C; where its threads were:\n"
+                        f"{run.communicate(timeout=30)[1][-6000:]}")
         latency = time.monotonic() - interrupted
     finally:
         run.kill()
