@@ -39,6 +39,8 @@ def test_ctrl_c_inside_a_long_native_step_exits_within_seconds(tmp_path):
         try:
             _, stderr = run.communicate(timeout=LATENCY + 20)
         except subprocess.TimeoutExpired:
+            if run.poll() is not None:
+                pytest.fail(f"the run ended (exit code {run.returncode}) but a process it started kept its output open")
             run.send_signal(signal.SIGABRT)  # under -X faulthandler: every thread's stack on stderr
             pytest.fail(f"the run still went on {LATENCY + 20} s after Ctrl-C; where its threads were:\n"
                         f"{run.communicate(timeout=30)[1][-6000:]}")
