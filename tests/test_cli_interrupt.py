@@ -23,10 +23,17 @@ def test_ctrl_c_inside_a_long_native_step_exits_within_seconds(tmp_path):
         "ldm.modules.diffusionmodules.openaimodel.UNetModel", "tests.slow_unet.SlowUNet"))
     checkpoint, started, outdir = write_tiny_checkpoint(tmp_path / "tiny.safetensors"), tmp_path / "started", tmp_path / "out"
     env = script_env(tmp_path, **{STARTED_FILE: str(started)})
-    run = subprocess.Popen([sys.executable, "-X", "faulthandler", str(SCRIPTS / "txt2img.py"), "--config", str(config),
-                            "--ckpt", str(checkpoint), "--H", "64", "--W", "64", "--ddim_steps", "2",
-                            "--no_safety_checker", "--outdir", str(outdir)], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A process started as a background job ignores SIGINT, and its children inherit that (POSIX): the run gets
+    # Python's own handler instead, as it would when started from a terminal (exec resets a handled signal).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = subprocess.Popen([sys.executable, "-X", "faulthandler", str(SCRIPTS / "txt2img.py"), "--config",
+                                str(config), "--ckpt", str(checkpoint), "--H", "64", "--W", "64", "--ddim_steps", "2",
+                                "--no_safety_checker", "--outdir", str(outdir)], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        if inherited is not None:  # None: a handler installed outside Python, which stays
+            signal.signal(signal.SIGINT, inherited)
     try:
         deadline = time.monotonic() + WAIT_FOR_STEP
         while not started.exists():
